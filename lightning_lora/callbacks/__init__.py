@@ -1,0 +1,1 @@
+"""Lightning callbacks: webhooks, VRAM logging, S3 checkpoints, throughput."""

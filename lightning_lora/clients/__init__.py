@@ -1,0 +1,1 @@
+"""Network clients that know nothing of Lightning: the backend webhooks and S3."""

@@ -1,0 +1,659 @@
+"""HTTP client for the platform backend's training webhooks.
+
+Three calls, all under ``{webhook_url}/api/webhooks/training/``:
+
+* ``PATCH progress``: ``{"style_id", "progress": {"current_epoch", "total_epochs",
+  "progress_percent", "estimated_seconds"}}``, one attempt, best effort.
+* ``POST complete``: ``{"style_id", "model_url", "metadata"}``, retried.
+* ``POST failed``: ``{"style_id", "error_message", "error_code"}``, retried.
+
+Every call carries ``Authorization: Bearer <INTERNAL_API_TOKEN>``,
+``X-Request-Source: training-server`` and ``Content-Type: application/json``. The token never
+appears in logs, exception messages or reprs.
+
+:class:`WebhookClient` makes the calls synchronously; :class:`WebhookSender` makes them from a
+daemon thread so that the training loop never waits on the network.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import email.utils
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Self
+
+import requests
+
+from lightning_lora.redaction import MASK, redact
+
+__all__ = [
+    "COMPLETE_PATH",
+    "FAILED_PATH",
+    "MAX_ERROR_MESSAGE_CHARS",
+    "PROGRESS_PATH",
+    "SenderStats",
+    "WebhookClient",
+    "WebhookSender",
+    "complete_payload",
+    "failed_payload",
+    "progress_payload",
+]
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_PATH = "/api/webhooks/training/progress"
+COMPLETE_PATH = "/api/webhooks/training/complete"
+FAILED_PATH = "/api/webhooks/training/failed"
+
+TOKEN_ENV_VAR = "INTERNAL_API_TOKEN"
+REQUEST_SOURCE = "training-server"
+MAX_ERROR_MESSAGE_CHARS = 2000
+RETRYABLE_STATUSES = frozenset({408, 429})
+REQUIRED_METADATA_KEYS = ("training_epochs", "lora_rank", "lora_alpha")
+_TRUNCATION_MARK = "... [truncated]"
+_MIN_ATTEMPT_TIMEOUT_S = 0.05
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+def _check_style_id(style_id: int) -> int:
+    if isinstance(style_id, bool) or not isinstance(style_id, int):
+        raise TypeError(f"style_id must be an int, got {type(style_id).__name__}")
+    return style_id
+
+
+def _jsonable(value: Any) -> Any:
+    """Return ``value`` with non-finite floats as ``None`` and unknown objects as strings."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    item = getattr(value, "item", None)  # numpy / torch scalars, without importing them
+    if callable(item):
+        try:
+            return _jsonable(item())
+        except (TypeError, ValueError):
+            pass
+    return str(value)
+
+
+def progress_payload(
+    style_id: int,
+    current_epoch: int,
+    total_epochs: int,
+    progress_percent: int,
+    estimated_seconds: int,
+) -> dict[str, Any]:
+    """Build the progress webhook body.
+
+    Args:
+        style_id: The style being trained.
+        current_epoch: Epochs done so far.
+        total_epochs: Epochs planned.
+        progress_percent: Overall progress, clamped to 0..100.
+        estimated_seconds: Estimated seconds left, at least 0.
+
+    Returns:
+        ``{"style_id": ..., "progress": {...}}`` with integer fields.
+    """
+    return {
+        "style_id": _check_style_id(style_id),
+        "progress": {
+            "current_epoch": max(0, int(current_epoch)),
+            "total_epochs": max(0, int(total_epochs)),
+            "progress_percent": min(100, max(0, int(progress_percent))),
+            "estimated_seconds": max(0, int(estimated_seconds)),
+        },
+    }
+
+
+def complete_payload(style_id: int, model_url: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Build the completion webhook body.
+
+    Args:
+        style_id: The style trained.
+        model_url: ``s3://bucket/key`` of the final LoRA.
+        metadata: Training facts; should hold ``training_epochs``, ``lora_rank`` and
+            ``lora_alpha``. Non-finite floats become ``null``.
+
+    Returns:
+        ``{"style_id": ..., "model_url": ..., "metadata": {...}}``.
+    """
+    if not isinstance(model_url, str) or not model_url.startswith("s3://"):
+        raise ValueError("model_url must be an s3:// URL")
+    if not isinstance(metadata, Mapping):
+        raise TypeError("metadata must be a mapping")
+    missing = [key for key in REQUIRED_METADATA_KEYS if key not in metadata]
+    if missing:
+        logger.warning("completion metadata for style %s lacks %s", style_id, ", ".join(missing))
+    return {
+        "style_id": _check_style_id(style_id),
+        "model_url": model_url,
+        "metadata": _jsonable(dict(metadata)),
+    }
+
+
+def truncate(text: str, limit: int = MAX_ERROR_MESSAGE_CHARS) -> str:
+    """Cut ``text`` to at most ``limit`` characters, marking the cut."""
+    if len(text) <= limit:
+        return text
+    return text[: max(0, limit - len(_TRUNCATION_MARK))] + _TRUNCATION_MARK
+
+
+def failed_payload(
+    style_id: int, error_message: str, error_code: str, extra_secrets: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Build the failure webhook body; the message is redacted and truncated.
+
+    Args:
+        style_id: The style whose training failed.
+        error_message: Human-readable reason; secrets are masked (see
+            :func:`~lightning_lora.redaction.redact`) and it is cut to
+            :data:`MAX_ERROR_MESSAGE_CHARS` characters.
+        error_code: Machine-readable code (see ``lightning_lora.errors``).
+        extra_secrets: More values to mask (e.g. a token not taken from the environment).
+
+    Returns:
+        ``{"style_id": ..., "error_message": ..., "error_code": ...}``.
+    """
+    message = str(error_message)
+    for secret in extra_secrets:
+        if secret:
+            message = message.replace(secret, MASK)
+    return {
+        "style_id": _check_style_id(style_id),
+        "error_message": truncate(redact(message)),
+        "error_code": str(error_code) or "TRAINING_FAILED",
+    }
+
+
+# --------------------------------------------------------------------------- client
+
+
+def _retry_after_s(response: requests.Response) -> float | None:
+    """Parse a ``Retry-After`` header (seconds or HTTP date) into seconds, if present."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _is_retryable_status(status: int) -> bool:
+    return status >= 500 or status in RETRYABLE_STATUSES
+
+
+class WebhookClient:
+    """Synchronous client for the training webhooks.
+
+    Args:
+        base_url: The job's ``webhook_url``, e.g. ``http://backend:8000``.
+        token: Bearer token; when ``None`` the ``INTERNAL_API_TOKEN`` environment variable is
+            read at every call.
+        timeout_s: Connect and read timeout of each request.
+        max_attempts: Most attempts of a retried call (complete, failed).
+        max_total_s: Most seconds a retried call may take, waits included.
+        backoff_base_s: First backoff ceiling; doubles after every attempt (full jitter).
+        backoff_max_s: Largest backoff ceiling, and largest ``Retry-After`` honoured.
+        session: A ``requests.Session`` to use; one is created when ``None``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout_s: float = 10.0,
+        max_attempts: int = 6,
+        max_total_s: float = 120.0,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 20.0,
+        session: requests.Session | None = None,
+    ) -> None:
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ValueError("webhook base_url must be an http:// or https:// URL")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if timeout_s <= 0 or max_total_s <= 0:
+            raise ValueError("timeout_s and max_total_s must be positive")
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self.timeout_s = float(timeout_s)
+        self.max_attempts = int(max_attempts)
+        self.max_total_s = float(max_total_s)
+        self.backoff_base_s = float(backoff_base_s)
+        self.backoff_max_s = float(backoff_max_s)
+        self._session = session if session is not None else requests.Session()
+        self._owns_session = session is None
+        self._sleep: Callable[[float], None] = time.sleep
+        self._warned_no_token = False
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(base_url={self.base_url!r}, timeout_s={self.timeout_s}, "
+            f"max_attempts={self.max_attempts}, max_total_s={self.max_total_s})"
+        )
+
+    def close(self) -> None:
+        """Close the HTTP session if this client created it."""
+        if self._owns_session:
+            self._session.close()
+
+    # ----------------------------------------------------------------- public calls
+
+    def send_progress(
+        self,
+        style_id: int,
+        current_epoch: int,
+        total_epochs: int,
+        progress_percent: int,
+        estimated_seconds: int,
+    ) -> bool:
+        """Report training progress: one attempt, never raises.
+
+        Args:
+            style_id: The style being trained.
+            current_epoch: Epochs done so far.
+            total_epochs: Epochs planned.
+            progress_percent: Overall progress, 0..100.
+            estimated_seconds: Estimated seconds left.
+
+        Returns:
+            Whether the backend answered 2xx.
+        """
+        try:
+            payload = progress_payload(
+                style_id, current_epoch, total_epochs, progress_percent, estimated_seconds
+            )
+            return self.send("PATCH", PROGRESS_PATH, payload, retry=False)
+        except Exception as exc:
+            logger.warning("progress webhook not sent: %s", redact(repr(exc)))
+            return False
+
+    def send_complete(self, style_id: int, model_url: str, metadata: Mapping[str, Any]) -> bool:
+        """Report a finished training, retrying transient failures.
+
+        Args:
+            style_id: The style trained.
+            model_url: ``s3://bucket/key`` of the final LoRA.
+            metadata: Training facts (``training_epochs``, ``lora_rank``, ``lora_alpha``...).
+
+        Returns:
+            Whether the backend acknowledged it (2xx).
+
+        Raises:
+            TypeError, ValueError: The arguments cannot form a valid payload.
+        """
+        payload = complete_payload(style_id, model_url, metadata)
+        return self.send("POST", COMPLETE_PATH, payload, retry=True)
+
+    def send_failed(self, style_id: int, error_message: str, error_code: str) -> bool:
+        """Report a failed training, retrying transient failures.
+
+        Args:
+            style_id: The style whose training failed.
+            error_message: Reason; redacted and truncated before sending.
+            error_code: Machine-readable failure code.
+
+        Returns:
+            Whether the backend acknowledged it (2xx).
+
+        Raises:
+            TypeError: ``style_id`` is not an int.
+        """
+        payload = failed_payload(style_id, error_message, error_code, self._secrets())
+        return self.send("POST", FAILED_PATH, payload, retry=True)
+
+    def send(self, method: str, path: str, payload: Mapping[str, Any], *, retry: bool) -> bool:
+        """Send one JSON webhook; never raises on network or HTTP errors.
+
+        Args:
+            method: HTTP method.
+            path: Path under ``base_url`` (one of the ``*_PATH`` constants).
+            payload: JSON body.
+            retry: Whether to retry transient failures (connection errors, timeouts, 5xx, 408,
+                429) with exponential backoff and full jitter, within ``max_attempts`` and
+                ``max_total_s``.
+
+        Returns:
+            Whether the backend answered 2xx.
+        """
+        body = json.dumps(payload, allow_nan=False).encode("utf-8")
+        label = f"{method} {path} (style {payload.get('style_id')})"
+        max_attempts = self.max_attempts if retry else 1
+        deadline = time.monotonic() + self.max_total_s
+        outcome = "no time left to attempt"
+        attempts = 0
+        for attempt in range(1, max_attempts + 1):
+            remaining = deadline - time.monotonic()
+            if remaining < _MIN_ATTEMPT_TIMEOUT_S:
+                break
+            attempts = attempt
+            ok, retryable, outcome, response = self._attempt(
+                method, path, body, min(self.timeout_s, remaining)
+            )
+            if ok:
+                self._log_success(label, attempt, retry)
+                return True
+            if not retryable or attempt == max_attempts:
+                break
+            delay = self._backoff_s(attempt, response)
+            if time.monotonic() + delay + _MIN_ATTEMPT_TIMEOUT_S > deadline:
+                break
+            logger.debug(
+                "webhook %s attempt %d failed (%s); retry in %.2fs", label, attempt, outcome, delay
+            )
+            self._sleep(delay)
+        log = logger.error if retry else logger.warning
+        log("webhook %s given up after %d attempt(s): %s", label, attempts, outcome)
+        return False
+
+    # ----------------------------------------------------------------- internals
+
+    def _secrets(self) -> tuple[str, ...]:
+        """Secrets held by this client that :func:`redact` may not know of."""
+        return (self._token,) if self._token else ()
+
+    def _headers(self) -> dict[str, str]:
+        token = self._token if self._token is not None else os.environ.get(TOKEN_ENV_VAR, "")
+        headers = {"Content-Type": "application/json", "X-Request-Source": REQUEST_SOURCE}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        elif not self._warned_no_token:
+            self._warned_no_token = True
+            logger.warning("%s is not set: webhooks are sent without Authorization", TOKEN_ENV_VAR)
+        return headers
+
+    def _attempt(
+        self, method: str, path: str, body: bytes, timeout_s: float
+    ) -> tuple[bool, bool, str, requests.Response | None]:
+        """Make one request.
+
+        Returns:
+            ``(succeeded, retryable, outcome description, response or None)``.
+        """
+        try:
+            response = self._session.request(
+                method,
+                self.base_url + path,
+                data=body,
+                headers=self._headers(),
+                timeout=(timeout_s, timeout_s),
+                allow_redirects=False,
+            )
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            return False, True, redact(f"{type(exc).__name__}: {exc}"), None
+        except requests.RequestException as exc:
+            return False, False, redact(f"{type(exc).__name__}: {exc}"), None
+        status = response.status_code
+        reason = redact(f"HTTP {status} {response.reason or ''}".strip())
+        response.close()
+        if 200 <= status < 300:
+            return True, False, reason, response
+        return False, _is_retryable_status(status), reason, response
+
+    def _backoff_s(self, attempt: int, response: requests.Response | None) -> float:
+        """Seconds to wait after failed ``attempt``: full jitter, or a small ``Retry-After``."""
+        if response is not None:
+            retry_after = _retry_after_s(response)
+            if retry_after is not None and retry_after <= self.backoff_max_s:
+                return retry_after
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * (2 ** (attempt - 1)))
+        return random.uniform(0.0, max(0.0, ceiling))
+
+    def _log_success(self, label: str, attempt: int, retry: bool) -> None:
+        if retry:
+            logger.info("webhook %s delivered after %d attempt(s)", label, attempt)
+        else:
+            logger.debug("webhook %s delivered", label)
+
+
+# --------------------------------------------------------------------------- sender
+
+
+@dataclasses.dataclass
+class SenderStats:
+    """Counters of a :class:`WebhookSender` (a snapshot when read from ``stats``)."""
+
+    progress_posted: int = 0
+    progress_replaced: int = 0
+    progress_sent: int = 0
+    progress_failed: int = 0
+    reliable_posted: int = 0
+    reliable_sent: int = 0
+    reliable_failed: int = 0
+    rejected_after_close: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    kind: str  # "progress", "complete" or "failed"
+    method: str
+    path: str
+    payload: dict[str, Any]
+
+    @property
+    def reliable(self) -> bool:
+        return self.kind != "progress"
+
+
+class WebhookSender:
+    """Sends webhooks from a daemon thread so callers never wait on the network.
+
+    Progress reports are coalesced: only the latest one not yet sent is kept. Completion and
+    failure reports are queued and sent in order, each after any progress posted before it, and
+    are never replaced. All methods are thread-safe.
+
+    Args:
+        client: The client that makes the calls.
+        name: Name of the background thread.
+    """
+
+    def __init__(self, client: WebhookClient, name: str = "webhook-sender") -> None:
+        self.client = client
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._pending_progress: _Job | None = None
+        self._busy = False
+        self._closed = False
+        self._stats = SenderStats()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(client={self.client!r}, closed={self._closed})"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def stats(self) -> SenderStats:
+        """A snapshot of the counters."""
+        with self._cond:
+            return dataclasses.replace(self._stats)
+
+    @property
+    def is_alive(self) -> bool:
+        """Whether the background thread is running."""
+        return self._thread.is_alive()
+
+    # ----------------------------------------------------------------- posting
+
+    def post_progress(
+        self,
+        style_id: int,
+        current_epoch: int,
+        total_epochs: int,
+        progress_percent: int,
+        estimated_seconds: int,
+    ) -> bool:
+        """Queue a progress report, replacing any not yet sent; returns at once, never raises.
+
+        Returns:
+            Whether it was accepted (``False`` once closed or for invalid arguments).
+        """
+        try:
+            payload = progress_payload(
+                style_id, current_epoch, total_epochs, progress_percent, estimated_seconds
+            )
+        except Exception as exc:
+            logger.warning("progress report ignored: %s", redact(repr(exc)))
+            return False
+        job = _Job("progress", "PATCH", PROGRESS_PATH, payload)
+        with self._cond:
+            if self._closed:
+                self._stats.rejected_after_close += 1
+                return False
+            if self._pending_progress is not None:
+                self._stats.progress_replaced += 1
+            self._pending_progress = job
+            self._stats.progress_posted += 1
+            self._cond.notify_all()
+        return True
+
+    def post_complete(self, style_id: int, model_url: str, metadata: Mapping[str, Any]) -> bool:
+        """Queue a completion report (sent with retries, never dropped).
+
+        Returns:
+            Whether it was accepted (``False`` once closed).
+
+        Raises:
+            TypeError, ValueError: The arguments cannot form a valid payload.
+        """
+        payload = complete_payload(style_id, model_url, metadata)
+        return self._post_reliable(_Job("complete", "POST", COMPLETE_PATH, payload))
+
+    def post_failed(self, style_id: int, error_message: str, error_code: str) -> bool:
+        """Queue a failure report (sent with retries, never dropped).
+
+        Returns:
+            Whether it was accepted (``False`` once closed).
+
+        Raises:
+            TypeError: ``style_id`` is not an int.
+        """
+        payload = failed_payload(style_id, error_message, error_code, self.client._secrets())
+        return self._post_reliable(_Job("failed", "POST", FAILED_PATH, payload))
+
+    def _post_reliable(self, job: _Job) -> bool:
+        with self._cond:
+            if self._closed:
+                self._stats.rejected_after_close += 1
+                logger.error(
+                    "webhook sender closed: %s report for style %s not sent",
+                    job.kind,
+                    job.payload["style_id"],
+                )
+                return False
+            if self._pending_progress is not None:  # keep order: earlier progress goes first
+                self._queue.append(self._pending_progress)
+                self._pending_progress = None
+            self._queue.append(job)
+            self._stats.reliable_posted += 1
+            self._cond.notify_all()
+        return True
+
+    # ----------------------------------------------------------------- flushing
+
+    def _idle(self) -> bool:
+        return not self._queue and self._pending_progress is None and not self._busy
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything posted so far has been sent or given up.
+
+        Args:
+            timeout_s: Most seconds to wait; ``None`` waits without limit.
+
+        Returns:
+            Whether the sender became idle in time.
+        """
+        with self._cond:
+            return self._cond.wait_for(self._idle, timeout=timeout_s)
+
+    def close(self, timeout_s: float | None = 30.0) -> bool:
+        """Flush, then stop the thread; later posts are rejected.
+
+        Args:
+            timeout_s: Most seconds to wait for the flush and the thread.
+
+        Returns:
+            Whether everything was sent (or given up) and the thread stopped in time.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        flushed = self.flush(timeout_s)
+        with self._cond:
+            self._closed = True
+            unsent = len(self._queue) + (self._pending_progress is not None)
+            self._cond.notify_all()
+        if not flushed:
+            logger.error("webhook sender closed with %d report(s) still unsent", unsent)
+        if self._thread is not threading.current_thread():
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._thread.join(remaining)
+        return flushed and not self._thread.is_alive()
+
+    # ----------------------------------------------------------------- thread
+
+    def _next_job(self) -> _Job | None:
+        """Block until a job is due (``None`` when closed and nothing is due)."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._closed or self._queue or self._pending_progress is not None
+            )
+            if self._queue:
+                job = self._queue.popleft()
+            elif self._pending_progress is not None:
+                job, self._pending_progress = self._pending_progress, None
+            else:
+                return None
+            self._busy = True
+            return job
+
+    def _run(self) -> None:
+        while True:
+            job = self._next_job()
+            if job is None:
+                return
+            ok = False
+            try:
+                ok = self.client.send(job.method, job.path, job.payload, retry=job.reliable)
+            except Exception as exc:
+                logger.error("webhook %s failed unexpectedly: %s", job.kind, redact(repr(exc)))
+            finally:
+                with self._cond:
+                    self._count(job, ok)
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _count(self, job: _Job, ok: bool) -> None:
+        if job.reliable:
+            if ok:
+                self._stats.reliable_sent += 1
+            else:
+                self._stats.reliable_failed += 1
+        elif ok:
+            self._stats.progress_sent += 1
+        else:
+            self._stats.progress_failed += 1

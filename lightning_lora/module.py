@@ -1,0 +1,313 @@
+"""The LightningModule: LoRA on a frozen SD1.5 UNet, trained with the diffusers recipe's loss."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.training_utils import cast_training_params, compute_snr
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from peft import LoraConfig
+
+from lightning_lora.errors import NonFiniteLossError
+from lightning_lora.lora import inject_lora, lora_parameters
+from lightning_lora.models import SDComponents
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+#: Timesteps at which the deterministic validation loss is measured.
+VAL_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+class LoRAModule(L.LightningModule):
+    """Trains a LoRA adapter of the SD1.5 UNet; VAE, text encoder and UNet base stay frozen.
+
+    Checkpoints hold only the LoRA weights (plus optimizer, scheduler, loop and RNG state), so they
+    are megabytes and resume exactly.
+    """
+
+    def __init__(
+        self,
+        components: SDComponents,
+        lora: LoraConfig,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        gradient_checkpointing: bool = True,
+        snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        caption_dropout: float = 0.0,
+        lora_seed: int = 0,
+        check_finite_every_n_steps: int = 10,
+        channels_last: bool = False,
+        compile_mode: str = "none",
+    ) -> None:
+        """Wrap the components and inject a fresh LoRA.
+
+        Args:
+            components: Frozen SD1.5 parts (see :func:`lightning_lora.models.load_components`).
+            lora: The PEFT LoRA config.
+            optimizer: Partial optimizer constructor taking the parameter list.
+            scheduler: Partial LR scheduler constructor taking the optimizer (and
+                ``num_training_steps`` when its signature has it), stepped every step.
+            gradient_checkpointing: Recompute UNet activations in backward to save memory.
+            snr_gamma: Min-SNR-gamma loss weighting (off when ``None``).
+            noise_offset: Noise offset strength (0 = off).
+            caption_dropout: Probability of replacing a sample's caption with the empty caption.
+            lora_seed: Seed of the LoRA initialisation.
+            check_finite_every_n_steps: How often the loss is checked for NaN/inf (a host sync).
+            channels_last: Use the channels-last memory format for the UNet.
+            compile_mode: ``none``, ``default`` or ``reduce-overhead`` (``torch.compile``).
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["components", "optimizer", "scheduler", "lora"])
+        self.unet = components.unet
+        self.vae = components.vae
+        self.text_encoder = components.text_encoder
+        self.tokenizer = components.tokenizer
+        self.noise_scheduler = components.noise_scheduler
+        self.lora_config = lora
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.strict_loading = False
+        self.num_trainable = inject_lora(self.unet, lora, lora_seed)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
+        self.unet.train()
+        self._nonfinite = torch.zeros((), dtype=torch.int64)
+        self._empty_embed: torch.Tensor | None = None
+        self._val_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------------------- encoders
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> VAE latent distribution parameters (mean and log-variance)."""
+        return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> text encoder last hidden states (the UNet's cross-attention context)."""
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    # ----------------------------------------------------------------------------- the loss
+    def _latents(self, latent_params: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        dist = DiagonalGaussianDistribution(latent_params)
+        latents = dist.sample() if sample else dist.mode()
+        return latents * self.vae.config.scaling_factor
+
+    def diffusion_loss(
+        self,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-sample loss of predicting the scheduler's target from noisy latents.
+
+        Args:
+            latents: Scaled latents ``(B, C, h, w)``.
+            context: Text encoder hidden states ``(B, L, D)``.
+            noise: Gaussian noise like ``latents``.
+            timesteps: ``(B,)`` integer timesteps on the latents' device.
+
+        Returns:
+            ``(B,)`` float32 losses (min-SNR weighted when ``snr_gamma`` is set).
+        """
+        sched = self.noise_scheduler
+        noisy = sched.add_noise(latents, noise, timesteps)
+        prediction_type = sched.config.prediction_type
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "v_prediction":
+            target = sched.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
+        unet = compiled_unet(self.unet, self.hparams.compile_mode)
+        pred = unet(noisy, timesteps, context, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        gamma = self.hparams.snr_gamma
+        if gamma:
+            snr = compute_snr(sched, timesteps)
+            weights = torch.clamp(snr, max=gamma) / snr
+            if prediction_type == "v_prediction":
+                weights = torch.clamp(snr, max=gamma) / (snr + 1)
+            loss = loss * weights
+        return loss
+
+    def batch_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent distribution parameters and text context of a cached or uncached batch."""
+        if "latent_params" in batch:
+            return batch["latent_params"], batch["text_embeds"]
+        return self.encode_images(batch["pixel_values"]), self.encode_text(batch["captions"])
+
+    def training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The diffusers recipe's training loss for one batch (draws latents, noise, timesteps)."""
+        latent_params, context = self.batch_inputs(batch)
+        latents = self._latents(latent_params)
+        noise = torch.randn_like(latents)
+        if self.hparams.noise_offset:
+            noise = noise + self.hparams.noise_offset * torch.randn(
+                latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=noise.dtype
+            )
+        bsz = latents.shape[0]
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device
+        )
+        p = self.hparams.caption_dropout
+        if p > 0:
+            drop = torch.rand(bsz, device=latents.device) < p
+            context = torch.where(drop[:, None, None], self.empty_embed().to(context), context)
+        return self.diffusion_loss(latents, context, noise, timesteps).mean()
+
+    def empty_embed(self) -> torch.Tensor:
+        """Text context of the empty caption (used for caption dropout)."""
+        if self._empty_embed is None:
+            self._empty_embed = self.encode_text([""])
+        return self._empty_embed
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.training_loss(batch)
+        detached = loss.detach()
+        self._nonfinite = self._nonfinite.to(detached.device) + (~torch.isfinite(detached)).long()
+        bsz = batch["latent_params" if "latent_params" in batch else "pixel_values"].shape[0]
+        self.log("train/loss", detached, prog_bar=True, batch_size=bsz)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = max(1, self.hparams.check_finite_every_n_steps)
+        if self.trainer.global_step % every == 0:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if any loss since the start was NaN or infinite."""
+        if int(self._nonfinite) > 0:
+            raise NonFiniteLossError(
+                f"training loss became NaN/inf ({int(self._nonfinite)} step(s) by step "
+                f"{self.trainer.global_step}, epoch {self.current_epoch}); no LoRA was written. "
+                "Lower module.optimizer.lr, enable gradient clipping (trainer.gradient_clip_val) "
+                "or use trainer.precision=bf16-mixed"
+            )
+
+    # ----------------------------------------------------------------------------- validation
+    def prepare_validation(self, pixels: torch.Tensor, captions: list[str]) -> None:
+        """Encode the fixed validation examples and draw their fixed noise once."""
+        latents = self._latents(self.encode_images(pixels), sample=False)
+        context = self.encode_text(captions)
+        gen = torch.Generator().manual_seed(1234)
+        noise = torch.randn((len(VAL_TIMESTEPS), *latents.shape), generator=gen)
+        self._val_inputs = (latents, context, noise.to(latents.device, latents.dtype))
+
+    @torch.no_grad()
+    def validation_loss(self) -> torch.Tensor:
+        """Deterministic loss: fixed images, fixed timesteps, fixed noise, LoRA dropout off."""
+        assert self._val_inputs is not None, "prepare_validation() first"
+        latents, context, noise = self._val_inputs
+        was_training = self.unet.training
+        self.unet.eval()
+        losses = []
+        try:
+            with self.trainer.precision_plugin.forward_context():
+                for i, t in enumerate(VAL_TIMESTEPS):
+                    timesteps = torch.full((latents.shape[0],), t, device=latents.device)
+                    losses.append(self.diffusion_loss(latents, context, noise[i], timesteps))
+        finally:
+            self.unet.train(was_training)
+        return torch.cat(losses).mean()
+
+    # ----------------------------------------------------------------------------- hooks
+    def on_fit_start(self) -> None:
+        """Precision fix-up, device-side caches, and the optional compile."""
+        cast_training_params(self.unet, dtype=torch.float32)
+        if self.hparams.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "build_cache"):
+            with self.trainer.precision_plugin.forward_context():
+                datamodule.build_cache(self.encode_images, self.encode_text, self.device)
+                self.prepare_validation(*datamodule.validation_examples())
+
+    def on_train_start(self) -> None:
+        # After a resume, Lightning has loaded the checkpoint's LoRA tensors: keep them fp32.
+        cast_training_params(self.unet, dtype=torch.float32)
+
+    def on_train_end(self) -> None:
+        self.check_finite()
+
+    def configure_optimizers(self) -> Any:
+        params = lora_parameters(self.unet)
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs: dict[str, Any] = {}
+        factory = self.scheduler_factory
+        target = getattr(factory, "func", factory)
+        if "num_training_steps" in inspect.signature(target).parameters:
+            kwargs["num_training_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = factory(optimizer, **kwargs)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
+        }
+        checkpoint["rng_states"] = _collect_rng_states()
+        checkpoint["lora_config"] = {
+            "rank": self.lora_config.r,
+            "alpha": self.lora_config.lora_alpha,
+            "target_modules": sorted(self.lora_config.target_modules),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("lora_config")
+        if saved and (saved["rank"], saved["alpha"]) != (
+            self.lora_config.r,
+            self.lora_config.lora_alpha,
+        ):
+            raise ValueError(
+                f"checkpoint LoRA rank/alpha {saved['rank']}/{saved['alpha']} differ from this "
+                f"run's {self.lora_config.r}/{self.lora_config.lora_alpha}"
+            )
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
+
+
+_COMPILED: dict[tuple[int, str], Callable[..., Any]] = {}
+
+
+def compiled_unet(unet: torch.nn.Module, mode: str) -> Callable[..., Any]:
+    """Return the UNet itself, or its ``torch.compile`` wrapper (compiled once per process).
+
+    Args:
+        unet: The UNet with its LoRA adapter.
+        mode: ``none``, ``default``, ``reduce-overhead`` or ``max-autotune``.
+
+    Returns:
+        A callable with the UNet's signature.
+    """
+    if mode in (None, "none", False):
+        return unet
+    key = (id(unet), mode)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(unet, mode=mode)
+    return _COMPILED[key]

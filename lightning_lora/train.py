@@ -1,0 +1,245 @@
+"""``train(cfg)``: the one training path for the CLI, notebooks and the queue worker.
+
+The Hydra entry point (``lightning-lora-train``) is a thin wrapper around :func:`train`; notebooks
+build the same config with :func:`compose_config`; the worker turns a job message into overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import lightning_lora
+from lightning_lora.callbacks.throughput import ThroughputCallback
+from lightning_lora.export import LoraFiles, export_lora
+from lightning_lora.validation import ValidationCallback
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    Attributes:
+        output_dir: The run's folder.
+        lora: The exported LoRA files (``None`` on non-zero ranks).
+        metrics: Final logged metrics (``train/loss``, ``val/loss``, ``perf/samples_per_s``, ...)
+            plus the run summary (samples, train_seconds, samples_per_s, epochs, steps).
+        last_checkpoint: The last Lightning checkpoint, if checkpointing was on.
+        sample_grid: The last validation sample grid, if prompts were set.
+        metadata: The metadata written into the LoRA files.
+    """
+
+    output_dir: Path
+    lora: LoraFiles | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    last_checkpoint: Path | None = None
+    sample_grid: Path | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def objective(self, name: str) -> float | None:
+        """The metric a sweep optimizes, or ``None`` if it was not logged."""
+        return self.metrics.get(name)
+
+
+def compose_config(
+    overrides: Sequence[str] = (), output_dir: str | Path | None = None, config_name: str = "train"
+) -> DictConfig:
+    """Compose the training config as the CLI would, for notebooks, tests and the worker.
+
+    Args:
+        overrides: Hydra overrides, e.g. ``["model=tiny", "trainer=cpu", "lora.rank=8"]``.
+        output_dir: The run's output folder (the CLI gets one from Hydra).
+        config_name: The primary config.
+
+    Returns:
+        The config.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def frozen_weight_dtype(precision: str, accelerator: str) -> torch.dtype:
+    """Dtype of the frozen weights for a Lightning precision setting (LoRA params stay fp32).
+
+    Args:
+        precision: The trainer's resolved precision (``16-mixed``, ``bf16-mixed``, ...).
+        accelerator: ``cuda``, ``cpu``, ...
+
+    Returns:
+        ``float16`` for 16-bit precision, ``bfloat16`` for bf16, else ``float32``.
+    """
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16") and accelerator != "cpu":
+        return torch.float16
+    return torch.float32
+
+
+def _instantiate_dict(node: DictConfig | None, kind: str) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a named dict (callbacks, loggers)."""
+    if not node:
+        return []
+    out = []
+    for name, entry in node.items():
+        if isinstance(entry, DictConfig) and "_target_" in entry:
+            log.debug("instantiating %s %s <%s>", kind, name, entry._target_)
+            out.append(instantiate(entry))
+    return out
+
+
+def _versions() -> dict[str, str]:
+    names = [
+        "lightning_lora",
+        "torch",
+        "diffusers",
+        "peft",
+        "transformers",
+        "lightning",
+        "hydra-core",
+    ]
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "unknown"
+    found["python_torch_cuda"] = str(torch.version.cuda)
+    return found
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=CONFIG_DIR.parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _write_run_info(cfg: DictConfig, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    info = {"versions": _versions(), "git_commit": _git_commit()}
+    (output_dir / "run_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+
+
+def train(
+    cfg: DictConfig,
+    callbacks: Sequence[L.Callback] = (),
+    ckpt_path: str | Path | None = None,
+) -> TrainResult:
+    """Train a LoRA as the config says and export it.
+
+    Args:
+        cfg: The composed config (see ``configs/train.yaml``).
+        callbacks: Extra callbacks (the worker adds its webhook and S3 callbacks here).
+        ckpt_path: Resume from this Lightning checkpoint (overrides ``cfg.ckpt_path``).
+
+    Returns:
+        The outputs and metrics of the run.
+    """
+    OmegaConf.resolve(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    trainer_cb = _instantiate_dict(cfg.get("callbacks"), "callback") + list(callbacks)
+    loggers = _instantiate_dict(cfg.get("logger"), "logger")
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=trainer_cb, logger=loggers or False)
+    if trainer.is_global_zero:
+        _write_run_info(cfg, output_dir)
+    dtype = frozen_weight_dtype(str(trainer.precision), trainer.strategy.root_device.type)
+    components = instantiate(cfg.model, torch_dtype=dtype)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module, _partial_=True)(
+        components=components,
+        lora=instantiate(cfg.lora),
+        caption_dropout=cfg.data.caption_dropout,
+        lora_seed=cfg.seed,
+    )
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.get("allow_tf32", True))
+        torch.backends.cudnn.allow_tf32 = bool(cfg.get("allow_tf32", True))
+    resume = ckpt_path if ckpt_path is not None else cfg.get("ckpt_path")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+
+    throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputCallback)), None)
+    validation = next((c for c in trainer.callbacks if isinstance(c, ValidationCallback)), None)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics.update({"epochs": float(trainer.current_epoch), "steps": float(trainer.global_step)})
+    if throughput is not None:
+        metrics.update(throughput.summary())
+    metadata = {
+        "lightning_lora_version": lightning_lora.__version__,
+        "base_model": str(cfg.model.pretrained_model_name_or_path),
+        "network_module": "networks.lora",
+        "network_dim": module.lora_config.r,
+        "network_alpha": module.lora_config.lora_alpha,
+        "target_modules": sorted(module.lora_config.target_modules),
+        "num_epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "resolution": datamodule.resolution,
+        "num_train_images": datamodule.num_images,
+        "dataset_hash": datamodule.dataset_hash(),
+        "learning_rate": float(cfg.module.optimizer.lr),
+        "seed": int(cfg.seed),
+    }
+    lora_files = None
+    ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or None
+    if trainer.is_global_zero:
+        lora_files = export_lora(module.unet, output_dir / "lora", metadata)
+        summary = {"metrics": metrics, "metadata": metadata, "lora": str(lora_files.diffusers)}
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return TrainResult(
+        output_dir=output_dir,
+        lora=lora_files,
+        metrics=metrics,
+        last_checkpoint=Path(ckpt) if ckpt else None,
+        sample_grid=validation.last_grid if validation else None,
+        metadata=metadata,
+    )
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """``lightning-lora-train``: train with Hydra overrides; returns the sweep objective."""
+    result = train(cfg)
+    if result.lora is not None:
+        print(f"LoRA (diffusers): {result.lora.diffusers}")
+        print(f"LoRA (kohya):     {result.lora.kohya}")
+        if result.sample_grid:
+            print(f"samples:          {result.sample_grid}")
+        print(f"metrics:          {result.output_dir / 'summary.json'}")
+    return result.objective(str(cfg.get("optimized_metric", "val/loss")))
+
+
+if __name__ == "__main__":
+    main()

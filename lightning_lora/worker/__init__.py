@@ -1,0 +1,1 @@
+"""The RabbitMQ queue runner: job messages, the consumer, the publisher CLI."""
