@@ -254,7 +254,14 @@ class CachedLatentDataset(Dataset):
         return self.latent_params.shape[0]
 
     def __getitems__(self, indices: list[int]) -> Batch:
-        idx = torch.as_tensor(indices, device=self.latent_params.device)
+        device = self.latent_params.device
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if device.type == "cuda":
+            # A plain host-to-device copy waits for the device's queue (a sync every step); from
+            # pinned memory it is asynchronous and the host runs ahead.
+            idx = idx.pin_memory().to(device, non_blocking=True)
+        else:
+            idx = idx.to(device)
         params = self.latent_params.index_select(0, idx)
         if self.flipped_latent_params is not None:
             flip = torch.rand(len(indices), device=idx.device) < 0.5

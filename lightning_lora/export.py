@@ -100,7 +100,9 @@ def export_lora(unet: torch.nn.Module, folder: str | Path, metadata: dict[str, A
         unet_lora_layers=convert_state_dict_to_diffusers(peft_sd),
         safe_serialization=True,
         weight_name=DIFFUSERS_WEIGHT_NAME,
-        unet_lora_adapter_metadata=config.to_dict(),
+        # dropout is a training-time setting: loaders that build the adapter from this metadata
+        # would otherwise add Dropout modules in train mode and make inference stochastic
+        unet_lora_adapter_metadata={**config.to_dict(), "lora_dropout": 0.0},
     )
     string_meta = _string_metadata(metadata)
     diffusers_path = folder / DIFFUSERS_WEIGHT_NAME

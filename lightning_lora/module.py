@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import inspect
 import logging
+import numbers
+import random
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.training_utils import cast_training_params, compute_snr
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from lightning_lora.errors import NonFiniteLossError
@@ -87,12 +89,15 @@ class LoRAModule(L.LightningModule):
         self._nonfinite = torch.zeros((), dtype=torch.int64)
         self._empty_embed: torch.Tensor | None = None
         self._val_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        #: (device, dtype, autocast state) -> device-side noise tables (see noise_tables()).
+        self._noise_tables: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
 
     # ----------------------------------------------------------------------------- encoders
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] -> VAE latent distribution parameters (mean and log-variance)."""
-        return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters
+        pixels = pixels.to(self.device, self.vae.dtype)
+        return self.vae.encode(pixels).latent_dist.parameters.contiguous()
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
@@ -118,6 +123,7 @@ class LoRAModule(L.LightningModule):
         context: torch.Tensor,
         noise: torch.Tensor,
         timesteps: torch.Tensor,
+        compiled: bool = True,
     ) -> torch.Tensor:
         """Per-sample loss of predicting the scheduler's target from noisy latents.
 
@@ -126,30 +132,97 @@ class LoRAModule(L.LightningModule):
             context: Text encoder hidden states ``(B, L, D)``.
             noise: Gaussian noise like ``latents``.
             timesteps: ``(B,)`` integer timesteps on the latents' device.
+            compiled: Run the UNet through ``torch.compile`` when ``compile_mode`` asks for it
+                (the validation loss runs it eagerly: no extra graph for eval mode and its shapes).
 
         Returns:
             ``(B,)`` float32 losses (min-SNR weighted when ``snr_gamma`` is set).
         """
         sched = self.noise_scheduler
-        noisy = sched.add_noise(latents, noise, timesteps)
+        noisy = self.add_noise(latents, noise, timesteps)
         prediction_type = sched.config.prediction_type
         if prediction_type == "epsilon":
             target = noise
         elif prediction_type == "v_prediction":
-            target = sched.get_velocity(latents, noise, timesteps)
+            target = self.velocity(latents, noise, timesteps)
         else:
             raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
-        unet = compiled_unet(self.unet, self.hparams.compile_mode)
+        unet = compiled_unet(self.unet, self.hparams.compile_mode) if compiled else self.unet
         pred = unet(noisy, timesteps, context, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         gamma = self.hparams.snr_gamma
         if gamma:
-            snr = compute_snr(sched, timesteps)
+            snr = self.snr(timesteps)
             weights = torch.clamp(snr, max=gamma) / snr
             if prediction_type == "v_prediction":
                 weights = torch.clamp(snr, max=gamma) / (snr + 1)
             loss = loss * weights
         return loss
+
+    # ----------------------------------------------------------------------------- noise tables
+    def noise_tables(
+        self, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-timestep ``sqrt(alpha_bar)``, ``sqrt(1 - alpha_bar)`` and SNR tables on ``device``.
+
+        diffusers' ``add_noise``, ``get_velocity`` and ``compute_snr`` move, convert and raise
+        ``alphas_cumprod`` to powers on every call (several small kernels per step). These tables
+        are built once per device, dtype and autocast state with exactly the same operations, so
+        indexing them gives bit-identical results (see ``tests/test_bench.py``).
+
+        Args:
+            device: Device of the samples.
+            dtype: Dtype of the samples.
+
+        Returns:
+            ``(sqrt_alpha_prod, sqrt_one_minus_alpha_prod, snr)``, each indexed by timestep.
+        """
+        device = torch.device(device)
+        autocast = torch.is_autocast_enabled(device.type)
+        key = (
+            device,
+            dtype,
+            autocast,
+            torch.get_autocast_dtype(device.type) if autocast else None,
+        )
+        tables = self._noise_tables.get(key)
+        if tables is None:
+            alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device=device)
+            cast = alphas_cumprod.to(dtype=dtype)
+            sqrt_alpha_prod = cast**0.5
+            sqrt_one_minus_alpha_prod = (1 - cast) ** 0.5
+            snr = (alphas_cumprod**0.5 / (1.0 - alphas_cumprod) ** 0.5) ** 2
+            tables = (sqrt_alpha_prod, sqrt_one_minus_alpha_prod, snr)
+            self._noise_tables[key] = tables
+        return tables
+
+    def add_noise(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """``noise_scheduler.add_noise`` (forward diffusion) from the device-side tables."""
+        sqrt_alpha, sqrt_one_minus, _ = self.noise_tables(latents.device, latents.dtype)
+        timesteps = timesteps.to(latents.device)
+        shape = (-1,) + (1,) * (latents.ndim - 1)
+        return (
+            sqrt_alpha[timesteps].view(shape) * latents
+            + sqrt_one_minus[timesteps].view(shape) * noise
+        )
+
+    def velocity(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """``noise_scheduler.get_velocity`` (the v-prediction target) from the tables."""
+        sqrt_alpha, sqrt_one_minus, _ = self.noise_tables(latents.device, latents.dtype)
+        timesteps = timesteps.to(latents.device)
+        shape = (-1,) + (1,) * (latents.ndim - 1)
+        return (
+            sqrt_alpha[timesteps].view(shape) * noise
+            - sqrt_one_minus[timesteps].view(shape) * latents
+        )
+
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """``diffusers.training_utils.compute_snr`` (float32) from the tables."""
+        return self.noise_tables(timesteps.device, torch.float32)[2][timesteps]
 
     def batch_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent distribution parameters and text context of a cached or uncached batch."""
@@ -161,7 +234,8 @@ class LoRAModule(L.LightningModule):
         """The diffusers recipe's training loss for one batch (draws latents, noise, timesteps)."""
         latent_params, context = self.batch_inputs(batch)
         latents = self._latents(latent_params)
-        noise = torch.randn_like(latents)
+        # an explicit shape, not randn_like: the draw must not depend on the latents' strides
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
         if self.hparams.noise_offset:
             noise = noise + self.hparams.noise_offset * torch.randn(
                 latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=noise.dtype
@@ -186,9 +260,34 @@ class LoRAModule(L.LightningModule):
         loss = self.training_loss(batch)
         detached = loss.detach()
         self._nonfinite = self._nonfinite.to(detached.device) + (~torch.isfinite(detached)).long()
-        bsz = batch["latent_params" if "latent_params" in batch else "pixel_values"].shape[0]
-        self.log("train/loss", detached, prog_bar=True, batch_size=bsz)
+        if self._logging_due():
+            # Only on the steps the loggers write, and as a CPU value: Lightning reads progress-bar
+            # values with .item() after every batch, which on a GPU would be a host-device sync
+            # per step. This copy is the one sync of a logging step.
+            bsz = batch["latent_params" if "latent_params" in batch else "pixel_values"].shape[0]
+            self.log("train/loss", detached.float().cpu(), prog_bar=True, batch_size=bsz)
         return loss
+
+    def _logging_due(self) -> bool:
+        """Whether Lightning's loggers write this training step's metrics."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        connector = getattr(trainer, "_logger_connector", None)
+        due = getattr(connector, "should_update_logs", True)
+        return bool(due or getattr(trainer, "fast_dev_run", False))
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.log``, keeping plain numbers (from callbacks) on the CPU.
+
+        Lightning turns a number into a tensor on the module's device and reads every
+        progress-bar value with ``.item()`` after each batch until the next log; on a GPU that
+        is a host-device sync per step. A CPU tensor is read for free. Values that are reduced
+        across processes (``sync_dist=True``) keep Lightning's default.
+        """
+        if isinstance(value, numbers.Real) and not kwargs.get("sync_dist", False):
+            value = torch.tensor(float(value), dtype=torch.float32)
+        super().log(name, value, *args, **kwargs)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = max(1, self.hparams.check_finite_every_n_steps)
@@ -226,7 +325,9 @@ class LoRAModule(L.LightningModule):
             with self.trainer.precision_plugin.forward_context():
                 for i, t in enumerate(VAL_TIMESTEPS):
                     timesteps = torch.full((latents.shape[0],), t, device=latents.device)
-                    losses.append(self.diffusion_loss(latents, context, noise[i], timesteps))
+                    losses.append(
+                        self.diffusion_loss(latents, context, noise[i], timesteps, compiled=False)
+                    )
         finally:
             self.unet.train(was_training)
         return torch.cat(losses).mean()
@@ -242,6 +343,10 @@ class LoRAModule(L.LightningModule):
             with self.trainer.precision_plugin.forward_context():
                 datamodule.build_cache(self.encode_images, self.encode_text, self.device)
                 self.prepare_validation(*datamodule.validation_examples())
+        with self.trainer.precision_plugin.forward_context():
+            # noise tables on the device, built in the training step's autocast state
+            for dtype in {torch.float32, self.vae.dtype}:
+                self.noise_tables(self.device, dtype)
 
     def on_train_start(self) -> None:
         # After a resume, Lightning has loaded the checkpoint's LoRA tensors: keep them fp32.
@@ -271,7 +376,7 @@ class LoRAModule(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if k in trainable
         }
-        checkpoint["rng_states"] = _collect_rng_states()
+        checkpoint["rng_states"] = rng_state_tensors()
         checkpoint["lora_config"] = {
             "rank": self.lora_config.r,
             "alpha": self.lora_config.lora_alpha,
@@ -289,7 +394,46 @@ class LoRAModule(L.LightningModule):
                 f"run's {self.lora_config.r}/{self.lora_config.lora_alpha}"
             )
         if "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
+            restore_rng_state_tensors(checkpoint["rng_states"])
+
+
+def rng_state_tensors() -> dict[str, Any]:
+    """The global RNG states of torch, CUDA, numpy and Python as tensors and ints.
+
+    Only tensors and plain numbers, so a checkpoint loads with ``torch.load(weights_only=True)``
+    (Lightning's default), also when it was fetched from object storage.
+    """
+    np_state = np.random.get_state()
+    py_version, py_internal, _ = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_has_gauss": int(np_state[3]),
+        "numpy_cached_gaussian": float(np_state[4]),
+        "python_version": int(py_version),
+        "python_internal": torch.tensor(py_internal, dtype=torch.int64),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state_tensors(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state_tensors`."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_cached_gaussian"],
+        )
+    )
+    random.setstate((state["python_version"], tuple(state["python_internal"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 _COMPILED: dict[tuple[int, str], Callable[..., Any]] = {}

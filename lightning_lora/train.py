@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import lightning_lora
 from lightning_lora.callbacks.throughput import ThroughputCallback
+from lightning_lora.callbacks.vram import VramCallback
 from lightning_lora.export import LoraFiles, export_lora
 from lightning_lora.validation import ValidationCallback
 
@@ -197,6 +198,8 @@ def train(
     metrics.update({"epochs": float(trainer.current_epoch), "steps": float(trainer.global_step)})
     if throughput is not None:
         metrics.update(throughput.summary())
+    for vram in (c for c in trainer.callbacks if isinstance(c, VramCallback)):
+        metrics.update(vram.summary())  # peak_rss_gib, peak_vram_gib (CUDA)
     metadata = {
         "lightning_lora_version": lightning_lora.__version__,
         "base_model": str(cfg.model.pretrained_model_name_or_path),

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
@@ -196,4 +196,8 @@ class ValidationCallback(L.Callback):
                 logger.experiment.add_image(
                     "samples", np.asarray(grid), trainer.global_step, dataformats="HWC"
                 )
+            elif isinstance(logger, WandbLogger):
+                logger.log_image("samples", [grid], step=trainer.global_step)
+            elif isinstance(logger, MLFlowLogger):
+                logger.experiment.log_image(logger.run_id, grid, f"samples/{path.name}")
         log.info("sample grid written to %s", path)

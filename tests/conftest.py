@@ -1,1 +1,66 @@
+"""Shared fixtures: the tiny model and demo images (built once per session), tiny configs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
 pytest_plugins = ["tests.support.fixtures"]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+#: Overrides that make any config a fast CPU run on the tiny model.
+TINY_OVERRIDES = (
+    "model=tiny",
+    "trainer=cpu",
+    "data.resolution=64",
+    "data.batch_size=4",
+    "trainer.max_epochs=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "module.gradient_checkpointing=false",
+    "validation.every_n_epochs=1",
+)
+
+
+@pytest.fixture(scope="session")
+def ll_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session cache folder holding the tiny model and the demo images."""
+    cache = Path(os.environ.get("LIGHTNING_LORA_TEST_CACHE") or tmp_path_factory.mktemp("ll-cache"))
+    os.environ["LIGHTNING_LORA_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model(ll_cache: Path) -> str:
+    """Path of the tiny SD1.5-shaped model (built on first use)."""
+    from lightning_lora.models import tiny_model_path
+
+    return tiny_model_path(ll_cache)
+
+
+@pytest.fixture(scope="session")
+def demo_images(ll_cache: Path) -> Path:
+    """The demo style folder (8 images, half with captions)."""
+    from lightning_lora.demo import make_demo_images
+
+    return make_demo_images(ll_cache / "demo-style-test")
+
+
+@pytest.fixture
+def make_cfg(
+    tmp_path: Path, tiny_model: str, demo_images: Path
+) -> Callable[..., object]:
+    """Factory: ``make_cfg(*overrides, output_dir=None)`` -> a tiny CPU training config."""
+    from lightning_lora.train import compose_config
+
+    def make(*overrides: str, output_dir: Path | None = None, image_dir: Path | None = None):
+        base: Sequence[str] = (*TINY_OVERRIDES, f"data.image_dir={image_dir or demo_images}")
+        return compose_config([*base, *overrides], output_dir=output_dir or tmp_path / "run")
+
+    return make

@@ -1,0 +1,367 @@
+"""Lightning checkpoints in S3 (uploaded in the background) and resuming from them.
+
+:class:`S3CheckpointCallback` writes a LoRA-only Lightning checkpoint (``LoRAModule`` drops the
+frozen base in ``on_save_checkpoint``; optimizer, scheduler, loop and RNG states are kept) every
+``every_n_epochs`` epochs with ``trainer.save_checkpoint`` into a job-local folder, then uploads it
+to ``s3://{bucket}/checkpoints/style_{style_id}/epoch{EEEE}-step{SSSSSS}.ckpt`` from a background
+thread, so training does not wait on the network. ``EEEE`` is the 0-based index of the epoch
+just finished and ``SSSSSS`` the global step (the names sort by age; ``ModelCheckpoint``'s naming).
+
+* While an upload runs, the newest checkpoint waits (one at most); an older waiting one is
+  dropped.
+* After each successful upload, older checkpoints of the style beyond ``keep_last`` are deleted
+  from S3. Local files are removed once their upload was attempted.
+* A failed checkpoint upload is logged as a warning and training goes on; the next checkpoint is
+  the retry. (The *final* LoRA upload is different: it is fatal, see
+  :func:`lightning_lora.reporting.upload_final_lora`.)
+* When ``fit`` ends (normally or by an exception) the callback waits at most ``final_wait_s`` for
+  the upload in progress and the waiting one, then stops its thread.
+
+``trainer.save_checkpoint`` is called on every rank (it is collective); only global rank zero
+uploads.
+
+:func:`find_resume_checkpoint` lists a style's checkpoints, downloads the newest and checks that it
+loads (``torch.load`` with ``weights_only=False``: the checkpoints are this service's own) and has
+``state_dict`` and ``loops``; a corrupt or partial one is skipped with a warning and the next older
+one is tried. ``train(cfg, callbacks, ckpt_path=path)`` then resumes from it.
+
+Config: ``configs/callbacks/s3_checkpoint.yaml`` holds settings only (``every_n_epochs``,
+``keep_last``, ``dirpath``, ``final_wait_s``; no ``_target_``, so ``train()`` does not instantiate
+it): the callback needs the job's ``style_id`` and an :class:`~lightning_lora.clients.storage.
+S3Storage`, so the worker builds it per job (see :func:`lightning_lora.reporting.
+run_reported_training`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_lora.clients.storage import S3Storage, checkpoint_prefix
+from lightning_lora.redaction import redact
+
+__all__ = [
+    "S3CheckpointCallback",
+    "checkpoint_name",
+    "find_resume_checkpoint",
+    "list_checkpoints",
+    "parse_checkpoint_name",
+]
+
+log = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"(?:^|/)epoch(\d+)-step(\d+)\.ckpt$")
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    """Return a checkpoint's file name: ``epoch{epoch:04d}-step{step:06d}.ckpt``.
+
+    Args:
+        epoch: 0-based index of the epoch just finished.
+        step: Global optimizer step.
+    """
+    return f"epoch{epoch:04d}-step{step:06d}.ckpt"
+
+
+def parse_checkpoint_name(key: str) -> tuple[int, int] | None:
+    """Return ``(epoch, step)`` from a checkpoint key or file name, or ``None`` if not one."""
+    match = _NAME_RE.search(key)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
+def list_checkpoints(storage: S3Storage, style_id: int) -> list[str]:
+    """Keys of a style's checkpoints, newest (highest epoch, then step) first.
+
+    Args:
+        storage: The bucket.
+        style_id: The style.
+
+    Returns:
+        Keys under ``checkpoints/style_{id}/`` named like :func:`checkpoint_name`.
+
+    Raises:
+        DownloadError: The listing failed.
+    """
+    keyed = []
+    for key in storage.list_keys(checkpoint_prefix(style_id)):
+        parsed = parse_checkpoint_name(key)
+        if parsed is not None:
+            keyed.append((parsed, key))
+    keyed.sort(reverse=True)
+    return [key for _, key in keyed]
+
+
+def _check_checkpoint(path: Path, expect_lora: Mapping[str, Any] | None) -> str | None:
+    """Return why ``path`` is not a usable checkpoint, or ``None`` if it is."""
+    try:
+        checkpoint = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as exc:  # truncated, corrupt, not a torch file...
+        return f"does not load ({type(exc).__name__}: {str(exc)[:200]})"
+    if not isinstance(checkpoint, dict):
+        return f"is a {type(checkpoint).__name__}, not a checkpoint dict"
+    missing = [k for k in ("state_dict", "loops") if k not in checkpoint]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    saved = checkpoint.get("lora_config")
+    if expect_lora and isinstance(saved, Mapping):
+        for name, value in expect_lora.items():
+            if name in saved and saved[name] != value:
+                return f"has LoRA {name} {saved[name]!r}, this run uses {value!r}"
+    return None
+
+
+def find_resume_checkpoint(
+    storage: S3Storage,
+    style_id: int,
+    dest_dir: str | Path,
+    expect_lora: Mapping[str, Any] | None = None,
+) -> Path | None:
+    """Download the newest usable checkpoint of a style, for ``train(..., ckpt_path=...)``.
+
+    Checkpoints are tried newest first (by epoch, then step, from their names); one that cannot
+    be downloaded, does not load, lacks ``state_dict``/``loops`` or (with ``expect_lora``) was
+    trained with another LoRA rank/alpha is skipped with a warning.
+
+    Args:
+        storage: The bucket.
+        style_id: The style.
+        dest_dir: Local folder for the download (created if missing).
+        expect_lora: E.g. ``{"rank": 16, "alpha": 32}``: skip checkpoints whose saved
+            ``lora_config`` differs.
+
+    Returns:
+        The local checkpoint path, or ``None`` when there is no usable checkpoint.
+
+    Raises:
+        DownloadError: The style's checkpoints could not be listed.
+    """
+    dest = Path(dest_dir)
+    for key in list_checkpoints(storage, style_id):
+        local = dest / Path(key).name
+        try:
+            storage.download_file(key, local)
+        except Exception as exc:
+            log.warning("skipping checkpoint %s: %s", storage.s3_url(key), redact(str(exc)))
+            continue
+        problem = _check_checkpoint(local, expect_lora)
+        if problem is None:
+            log.info("resuming style %s from %s", style_id, storage.s3_url(key))
+            return local
+        log.warning(
+            "skipping checkpoint %s: it %s; trying an older one", storage.s3_url(key), problem
+        )
+        local.unlink(missing_ok=True)
+    return None
+
+
+class _LatestOnlyUploader:
+    """A background thread uploading checkpoints; only the newest waiting one is kept."""
+
+    def __init__(self, callback: S3CheckpointCallback) -> None:
+        self._callback = callback
+        self._cond = threading.Condition()
+        self._pending: tuple[Path, str] | None = None
+        self._busy = False
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"s3-checkpoints-style-{callback.style_id}", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, path: Path, key: str) -> None:
+        with self._cond:
+            if self._closed:
+                log.warning("checkpoint uploader closed: %s not uploaded", path.name)
+                return
+            if self._pending is not None:
+                dropped = self._pending[0]
+                log.info("checkpoint %s superseded by %s before upload", dropped.name, path.name)
+                self._callback.superseded += 1
+                dropped.unlink(missing_ok=True)
+            self._pending = (path, key)
+            self._cond.notify_all()
+
+    def busy(self) -> bool:
+        with self._cond:
+            return self._busy or self._pending is not None
+
+    def close(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for pending uploads, then stop; return whether all finished."""
+        with self._cond:
+            idle = self._cond.wait_for(
+                lambda: not self._busy and self._pending is None, timeout=timeout_s
+            )
+            self._closed = True
+            if self._pending is not None:
+                log.warning("checkpoint %s not uploaded: time is up", self._pending[0].name)
+                self._pending = None
+            self._cond.notify_all()
+        if not idle:
+            log.warning("a checkpoint upload still runs after %.0fs; not waiting", timeout_s)
+        return idle
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._pending is not None)
+                if self._pending is None:
+                    return
+                job, self._pending = self._pending, None
+                self._busy = True
+            try:
+                self._callback._upload(*job)
+            except Exception as exc:  # _upload logs its own failures; this is a last resort
+                log.warning("checkpoint upload failed unexpectedly: %s", redact(repr(exc)))
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+
+class S3CheckpointCallback(L.Callback):
+    """Saves a LoRA-only checkpoint every N epochs and uploads it to S3 in the background.
+
+    Attributes:
+        storage: The bucket.
+        style_id: The style being trained.
+        every_n_epochs: Checkpoint period in epochs (0 disables).
+        keep_last: How many checkpoints of the style to keep in S3 (0 keeps all).
+        uploaded: Keys uploaded by this callback, in order.
+        failed: Number of failed checkpoint uploads.
+        superseded: Number of checkpoints dropped because a newer one came before upload.
+    """
+
+    def __init__(
+        self,
+        storage: S3Storage,
+        style_id: int,
+        dirpath: str | Path | None = None,
+        every_n_epochs: int = 5,
+        keep_last: int = 2,
+        final_wait_s: float = 300.0,
+    ) -> None:
+        """Configure.
+
+        Args:
+            storage: The bucket checkpoints go to.
+            style_id: The style being trained (the key prefix).
+            dirpath: Job-local folder for the checkpoint files; defaults to
+                ``{trainer.default_root_dir}/s3_checkpoints``.
+            every_n_epochs: Save and upload every this many epochs (0 disables).
+            keep_last: Checkpoints of the style kept in S3; older ones are deleted (0 keeps all).
+            final_wait_s: Most seconds to wait for pending uploads when ``fit`` ends.
+        """
+        self.storage = storage
+        self.style_id = style_id
+        self.prefix = checkpoint_prefix(style_id)
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.every_n_epochs = max(0, int(every_n_epochs))
+        self.keep_last = max(0, int(keep_last))
+        self.final_wait_s = float(final_wait_s)
+        self.uploaded: list[str] = []
+        self.failed = 0
+        self.superseded = 0
+        self._uploader: _LatestOnlyUploader | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(style_id={self.style_id}, every_n_epochs="
+            f"{self.every_n_epochs}, keep_last={self.keep_last}, storage={self.storage!r})"
+        )
+
+    # ----------------------------------------------------------------- hooks
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir) / "s3_checkpoints"
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.every_n_epochs or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        assert self.dirpath is not None
+        name = checkpoint_name(trainer.current_epoch, trainer.global_step)
+        path = self.dirpath / name
+        started = time.perf_counter()
+        trainer.save_checkpoint(path)  # collective: every rank calls it, rank zero writes
+        if not trainer.is_global_zero:
+            return
+        log.debug("checkpoint %s written in %.2fs", name, time.perf_counter() - started)
+        if self._uploader is None:
+            self._uploader = _LatestOnlyUploader(self)
+        self._uploader.submit(path, self.prefix + name)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._finish()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._finish()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish()
+
+    # ----------------------------------------------------------------- uploading
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait for pending uploads and stop the upload thread (idempotent).
+
+        Args:
+            timeout_s: Most seconds to wait; ``final_wait_s`` when ``None``.
+
+        Returns:
+            Whether every checkpoint handed over was uploaded or given up in time.
+        """
+        uploader, self._uploader = self._uploader, None
+        if uploader is None:
+            return True
+        return uploader.close(self.final_wait_s if timeout_s is None else timeout_s)
+
+    _finish = wait
+
+    def _upload(self, path: Path, key: str) -> None:
+        """Upload one checkpoint, then prune (runs on the upload thread; never raises)."""
+        started = time.perf_counter()
+        try:
+            self.storage.upload_file(
+                path, key, extra_metadata={"style_id": self.style_id, "kind": "checkpoint"}
+            )
+        except Exception as exc:
+            self.failed += 1
+            log.warning(
+                "checkpoint upload failed (training goes on; the next checkpoint retries): %s",
+                redact(str(exc)),
+            )
+            return
+        finally:
+            path.unlink(missing_ok=True)  # uploaded, or superseded by the next checkpoint
+        self.uploaded.append(key)
+        log.info(
+            "checkpoint %s uploaded in %.1fs",
+            self.storage.s3_url(key),
+            time.perf_counter() - started,
+        )
+        self._prune()
+
+    def _prune(self) -> None:
+        if not self.keep_last:
+            return
+        try:
+            old = list_checkpoints(self.storage, self.style_id)[self.keep_last :]
+            if old:
+                self.storage.delete_keys(old)
+                log.info("deleted %d old checkpoint(s) of style %s", len(old), self.style_id)
+        except Exception as exc:
+            log.warning("could not delete old checkpoints: %s", redact(str(exc)))
