@@ -55,14 +55,15 @@ cat "$OUT/env.txt"
 # The job rows run right after the reduce-overhead case with the same settings, so they show
 # whether a new job (a new LoRA) reuses the compiled UNet (graphs compiled = 0).
 CASES=(
-  ref:4:gc ref:4:nogc ref:1:gc ref:16:nogc
+  ref:4:gc ref:4:nogc ref:16:nogc
   ours:4:gc ours:4 ours:16
   ours:4:reduce-overhead
   job:4:reduce-overhead:images=20:epochs=100:nockpt
   job:4:reduce-overhead:images=20:epochs=100
+  ref:1:gc
   ours:16:default
 )
-ARGS=(--steps 15 --warmup 5 --audit-steps 5 --budget-s "${BUDGET_S:-400}")
+ARGS=(--steps 15 --warmup 5 --audit-steps 5 --budget-s "${BUDGET_S:-420}")
 if [[ $MODE == tiny ]]; then
   CASES=("${CASES[@]//reduce-overhead/none}")
   CASES=("${CASES[@]//:default/:none}")

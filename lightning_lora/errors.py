@@ -68,3 +68,18 @@ def error_code_of(exc: BaseException) -> str:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return LightningLoraError.error_code
+
+
+class JobInterrupted(LightningLoraError):
+    """The worker is shutting down: the job checkpointed and goes back to the queue.
+
+    Not a failure: no failure webhook is sent for it.
+    """
+
+    error_code = "INTERRUPTED"
+
+
+class JobCrashedError(LightningLoraError):
+    """A job reached the redelivery limit (it crashed or stalled workers repeatedly)."""
+
+    error_code = "REDELIVERY_LIMIT"

@@ -205,7 +205,11 @@ def _fmt(value: Any) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
+    text = str(value)
+    number = _as_number(text) if len(text) > 8 else None
+    if number is not None and not text.isdigit():
+        return f"{number:.4g}"  # e.g. an lr sampled by Optuna
+    return text.replace("|", "\\|")
 
 
 def to_markdown(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:

@@ -257,7 +257,7 @@ def test_progress_webhooks_follow_contract_and_throttle(production_run: Producti
     # between start and end the ETA is measured: positive while steps are left
     for report in reports[1:-1]:
         assert 0 < report["progress_percent"] < 100
-        if report["current_epoch"] < 6:
+        if report["progress_percent"] < 99:  # 99: all steps done, epoch end or teardown left
             assert report["estimated_seconds"] > 0
 
 

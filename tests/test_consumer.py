@@ -6,18 +6,12 @@ Every test uses its own queue (and DLQ) names and deletes them at the end.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import pika
-import pika.exceptions
 import pytest
 
 from lightning_lora.worker.consumer import (
@@ -29,97 +23,12 @@ from lightning_lora.worker.consumer import (
     declare_topology,
     publish_job,
 )
-
-HOST = os.environ.get("RABBITMQ_HOST", "127.0.0.1")
-JOB = {"style_id": 7, "image_urls": ["s3://b/k.png"], "webhook_url": "http://backend:8000"}
-
-
-def _broker_available() -> bool:
-    try:
-        pika.BlockingConnection(pika.ConnectionParameters(HOST, connection_attempts=1)).close()
-    except pika.exceptions.AMQPError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _broker_available(), reason=f"no RabbitMQ at {HOST}")
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-@contextmanager
-def _channel() -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
-    connection = pika.BlockingConnection(pika.ConnectionParameters(HOST))
-    try:
-        yield connection.channel()
-    finally:
-        connection.close()
-
-
-def _depth(queue: str) -> int:
-    """Ready messages in a queue (passive declare)."""
-    with _channel() as channel:
-        return channel.queue_declare(queue, passive=True).method.message_count
-
-
-def _get(queue: str) -> tuple[pika.spec.BasicProperties, bytes] | None:
-    """Fetch (and ack) one message, or None if the queue has none ready."""
-    with _channel() as channel:
-        method, properties, body = channel.basic_get(queue, auto_ack=True)
-        return None if method is None else (properties, body)
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+from tests.support.broker import HOST, JOB, channel, depth, get, running, wait_for
 
 
 @pytest.fixture
-def settings() -> Iterator[BrokerSettings]:
-    """Settings with a unique queue; both queues are deleted afterwards."""
-    name = f"test_lora_{uuid.uuid4().hex[:10]}"
-    result = BrokerSettings(
-        host=HOST,
-        queue=name,
-        connection_name=f"{name}-worker",
-        heartbeat=10,
-        reconnect_initial_delay=0.2,
-        reconnect_max_delay=1.0,
-    )
-    try:
-        yield result
-    finally:
-        with _channel() as channel:
-            channel.queue_delete(result.queue)
-            channel.queue_delete(result.dlq)
-
-
-@contextmanager
-def _running(consumer: Consumer) -> Iterator[threading.Thread]:
-    """Run the consumer on a background thread; always stop it."""
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            consumer.run()
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name="consumer", daemon=True)
-    thread.start()
-    try:
-        assert consumer.consuming.wait(10), "consumer did not start"
-        yield thread
-    finally:
-        consumer.request_stop()
-        thread.join(15)
-    assert not thread.is_alive(), "consumer did not stop"
-    assert not errors, errors
+def settings(broker_settings: BrokerSettings) -> BrokerSettings:
+    return broker_settings
 
 
 # --------------------------------------------------------------------------- tests
@@ -137,25 +46,25 @@ def test_heartbeats_survive_a_long_handler(settings: BrokerSettings) -> None:
         return Outcome.ACK
 
     consumer = Consumer(settings, handler, poll_interval=0.2)
-    with _running(consumer):
+    with running(consumer):
         publish_job(settings, JOB)
         assert done.wait(20)
-        assert _wait_for(lambda: _depth(settings.queue) == 0, 5)
+        assert wait_for(lambda: depth(settings.queue) == 0, 5)
         time.sleep(1)  # a lost connection would show up as a redelivery here
         assert consumer.connections_made == 1
     assert len(calls) == 1
     assert calls[0].delivery_count == 0
-    assert _depth(settings.queue) == 0
-    assert _get(settings.queue) is None  # a second consumer gets nothing
+    assert depth(settings.queue) == 0
+    assert get(settings.queue) is None  # a second consumer gets nothing
 
 
 def test_reject_dead_letters(settings: BrokerSettings) -> None:
     consumer = Consumer(settings, lambda delivery: Outcome.REJECT, poll_interval=0.2)
-    with _running(consumer):
+    with running(consumer):
         publish_job(settings, b'{"broken": true}')
-        assert _wait_for(lambda: _depth(settings.dlq) == 1, 10)
-    assert _depth(settings.queue) == 0
-    fetched = _get(settings.dlq)
+        assert wait_for(lambda: depth(settings.dlq) == 1, 10)
+    assert depth(settings.queue) == 0
+    fetched = get(settings.dlq)
     assert fetched is not None and fetched[1] == b'{"broken": true}'
 
 
@@ -173,13 +82,13 @@ def test_failing_handler_is_retried_then_poisoned(settings: BrokerSettings) -> N
         on_poison=lambda delivery: poisoned.append(delivery.delivery_count),
         poll_interval=0.2,
     )
-    with _running(consumer):
+    with running(consumer):
         publish_job(settings, JOB)
-        assert _wait_for(lambda: _depth(settings.dlq) == 1, 15)
+        assert wait_for(lambda: depth(settings.dlq) == 1, 15)
         time.sleep(0.3)
     assert seen == [0, 1, 2]
     assert poisoned == [settings.delivery_limit]
-    assert _depth(settings.queue) == 0
+    assert depth(settings.queue) == 0
 
 
 def test_graceful_stop_requeues_an_unfinished_job(settings: BrokerSettings) -> None:
@@ -206,12 +115,12 @@ def test_graceful_stop_requeues_an_unfinished_job(settings: BrokerSettings) -> N
         assert not thread.is_alive(), "run() did not return"
         assert time.monotonic() - stop_at < 5
         assert saw_stop == [True]
-        assert _depth(settings.queue) == 1
+        assert depth(settings.queue) == 1
     finally:
         consumer.request_stop()
         release.set()
         thread.join(10)
-    fetched = _get(settings.queue)
+    fetched = get(settings.queue)
     assert fetched is not None and json.loads(fetched[1]) == JOB
     assert fetched[0].headers["x-delivery-count"] == 1
 
@@ -219,9 +128,9 @@ def test_graceful_stop_requeues_an_unfinished_job(settings: BrokerSettings) -> N
 def test_publish_with_confirms_then_consume(settings: BrokerSettings) -> None:
     received: list[Delivery] = []
     consumer = Consumer(settings, lambda d: received.append(d) or Outcome.ACK, poll_interval=0.2)
-    with _running(consumer):
+    with running(consumer):
         message_id = publish_job(settings, JOB, headers={"origin": "test"})
-        assert _wait_for(lambda: bool(received), 10)
+        assert wait_for(lambda: bool(received), 10)
     (delivery,) = received
     assert json.loads(delivery.body) == JOB
     assert delivery.message_id == message_id
@@ -231,7 +140,7 @@ def test_publish_with_confirms_then_consume(settings: BrokerSettings) -> None:
     assert delivery.delivery_count == 0 and not delivery.redelivered
     assert delivery.published_at is not None
     assert abs(delivery.published_at.timestamp() - time.time()) < 60
-    assert _depth(settings.queue) == 0
+    assert depth(settings.queue) == 0
 
 
 def _connection_pid(connection_name: str) -> str | None:
@@ -252,7 +161,7 @@ def _connection_pid(connection_name: str) -> str | None:
 def test_reconnects_after_the_broker_closes_the_connection(settings: BrokerSettings) -> None:
     received: list[Delivery] = []
     consumer = Consumer(settings, lambda d: received.append(d) or Outcome.ACK, poll_interval=0.2)
-    with _running(consumer):
+    with running(consumer):
         pid = _connection_pid(settings.connection_name)
         assert pid, "worker connection not found"
         subprocess.run(
@@ -261,21 +170,21 @@ def test_reconnects_after_the_broker_closes_the_connection(settings: BrokerSetti
             timeout=30,
             check=True,
         )
-        assert _wait_for(lambda: consumer.connections_made >= 2 and consumer.consuming.is_set(), 15)
+        assert wait_for(lambda: consumer.connections_made >= 2 and consumer.consuming.is_set(), 15)
         publish_job(settings, JOB)
-        assert _wait_for(lambda: bool(received), 10)
+        assert wait_for(lambda: bool(received), 10)
     assert json.loads(received[0].body) == JOB
-    assert _depth(settings.queue) == 0
+    assert depth(settings.queue) == 0
 
 
 def test_topology_mismatch_is_reported(settings: BrokerSettings) -> None:
-    with _channel() as channel:
-        channel.queue_declare(settings.queue, durable=True)  # a classic queue without arguments
+    with channel() as ch:
+        ch.queue_declare(settings.queue, durable=True)  # a classic queue without arguments
     consumer = Consumer(settings, lambda d: Outcome.ACK)
     with pytest.raises(TopologyError, match=settings.queue):
         consumer.run()
-    with _channel() as channel, pytest.raises(TopologyError, match="x-dead-letter"):
-        declare_topology(channel, settings)
+    with channel() as ch, pytest.raises(TopologyError, match="x-dead-letter"):
+        declare_topology(ch, settings)
 
 
 def test_settings_from_env_hide_the_password() -> None:
@@ -314,7 +223,7 @@ def test_enqueue_cli_validates_then_publishes(
         job_file.write_text(json.dumps(JOB))
         assert main(["--file", str(job_file), "--num-epochs", "3", "--style-token", "a b"]) == 0
     message_id = capsys.readouterr().out.strip()
-    fetched = _get(settings.queue)
+    fetched = get(settings.queue)
     assert fetched is not None
     properties, body = fetched
     assert properties.message_id == message_id

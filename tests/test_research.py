@@ -61,20 +61,14 @@ def tiny_multirun(
     """
     if "dir" not in _MULTIRUN:
         sweep_dir = tmp_path_factory.mktemp("multirun") / "sweep"
-        cmd = [
-            str(BIN / "lightning-lora-train"),
-            "-m",
-            "experiment=tiny",
-            "lora.rank=2,4",
-            "trainer.enable_progress_bar=false",
-            f"hydra.sweep.dir={sweep_dir}",
-        ]
-        proc = subprocess.run(
-            cmd, env=subprocess_env(ll_cache), capture_output=True, text=True, timeout=500
-        )
-        assert proc.returncode == 0, (
-            f"multirun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        )
+        overrides = ["experiment=tiny", "lora.rank=2,4", "trainer.enable_progress_bar=false"]
+        assert (BIN / "lightning-lora-train").is_file()
+        try:  # runs BIN/lightning-lora-train -m <overrides> hydra.sweep.dir=<sweep_dir>
+            sweep_report.run_example_sweep(
+                sweep_dir, overrides, env=subprocess_env(ll_cache), timeout=500
+            )
+        except subprocess.CalledProcessError as exc:
+            pytest.fail(f"multirun failed:\n{exc.stdout[-3000:]}\n{exc.stderr[-5000:]}")
         _MULTIRUN["dir"] = sweep_dir
     return _MULTIRUN["dir"]
 
@@ -185,6 +179,7 @@ def test_experiment_preset_runs_tiny(name: str, make_cfg, tmp_path: Path) -> Non
         "trainer.max_epochs=1",
         "++trainer.limit_train_batches=1",
         "module.compile_mode=none",
+        "validation.num_inference_steps=2",
     ]
     if name in GPU_PRESETS:
         overrides.append("trainer.precision=32-true")

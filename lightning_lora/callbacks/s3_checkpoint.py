@@ -272,6 +272,7 @@ class S3CheckpointCallback(L.Callback):
         self.failed = 0
         self.superseded = 0
         self._uploader: _LatestOnlyUploader | None = None
+        self._last_step: int | None = None
 
     def __repr__(self) -> str:
         return (
@@ -290,7 +291,18 @@ class S3CheckpointCallback(L.Callback):
             return
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
-        assert self.dirpath is not None
+        self.checkpoint_now(trainer)
+
+    def checkpoint_now(self, trainer: L.Trainer) -> None:
+        """Save a checkpoint of the current state and hand it to the uploader (idempotent per step).
+
+        Also used by the worker on shutdown, at an epoch end, before it requeues the job.
+        """
+        if self._last_step == trainer.global_step:
+            return
+        self._last_step = trainer.global_step
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir) / "s3_checkpoints"
         name = checkpoint_name(trainer.current_epoch, trainer.global_step)
         path = self.dirpath / name
         started = time.perf_counter()

@@ -45,7 +45,7 @@ from typing import Any
 import lightning as L
 
 from lightning_lora.clients.webhook_client import WebhookClient, WebhookSender, failed_payload
-from lightning_lora.errors import error_code_of
+from lightning_lora.errors import JobInterrupted, error_code_of
 from lightning_lora.redaction import redact
 
 __all__ = ["WebhookCallback", "error_message_of"]
@@ -233,6 +233,8 @@ class WebhookCallback(L.Callback):
         Returns:
             Whether a failure report was queued now.
         """
+        if isinstance(exc, JobInterrupted):  # a shutdown, not a failure: the job is requeued
+            return False
         with self._lock:
             if self.terminal is not None:
                 return False

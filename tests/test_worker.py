@@ -1,0 +1,253 @@
+"""The queue runner end to end: the real broker, moto's S3 over HTTP, a real webhook receiver,
+the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from lightning_lora.clients.storage import S3Storage, checkpoint_prefix, model_key
+from lightning_lora.clients.webhook_client import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
+from lightning_lora.worker.app import TrainingWorker, WorkerSettings
+from lightning_lora.worker.consumer import BrokerSettings, Consumer, publish_job
+from tests.conftest import TINY_OVERRIDES
+from tests.support.broker import depth, get, running, wait_for
+
+TOKEN = "tok-worker-secret-1234"
+WORKER_SCRIPT = Path(sys.executable).parent / "lightning-lora-worker"
+
+
+def _train_overrides(*extra: str) -> list[str]:
+    return [
+        "callbacks=production",
+        *TINY_OVERRIDES,
+        "trainer.max_epochs=2",
+        "callbacks.webhook.interval_s=0.2",
+        "callbacks.s3_checkpoint.every_n_epochs=1",
+        "callbacks.webhook.max_total_s=20",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def stack(s3_env: S3Storage, webhook_receiver, broker_settings, monkeypatch, demo_images, tiny_model):
+    """Everything a job touches: bucket with images, receiver, queue, token."""
+    monkeypatch.setenv("INTERNAL_API_TOKEN", TOKEN)
+    pngs = sorted(demo_images.glob("*.png"))[:4]
+    urls = []
+    for i, png in enumerate(pngs):  # two files called 1.png in different prefixes
+        key = f"styles/src/{'a' if i % 2 else 'b'}/{i // 2}.png"
+        s3_env.upload_file(png, key)
+        urls.append(f"s3://{s3_env.bucket}/{key}")
+    return {
+        "storage": s3_env,
+        "receiver": webhook_receiver,
+        "broker": broker_settings,
+        "urls": urls,
+    }
+
+
+def _job(stack, style_id: int, **extra) -> dict:
+    return {
+        "style_id": style_id,
+        "image_urls": stack["urls"],
+        "webhook_url": stack["receiver"].base_url,
+        "seed": 5,
+        **extra,
+    }
+
+
+def _worker(stack, *extra: str) -> TrainingWorker:
+    settings = WorkerSettings(
+        train_overrides=_train_overrides(*extra), webhook_allowlist=["127.0.0.1"]
+    )
+    return TrainingWorker(settings, storage=stack["storage"])
+
+
+def _terminal(receiver, style_id: int) -> list:
+    return [
+        r for r in receiver.requests
+        if r.path in (COMPLETE_PATH, FAILED_PATH) and r.json and r.json.get("style_id") == style_id
+    ]
+
+
+def _wait_terminal(receiver, style_id: int, timeout: float = 240) -> object:
+    receiver.wait_for(lambda reqs: any(
+        r.path in (COMPLETE_PATH, FAILED_PATH) and (r.json or {}).get("style_id") == style_id
+        for r in reqs), timeout)
+    return _terminal(receiver, style_id)[0]
+
+
+def test_a_job_end_to_end(stack, tiny_model: str, tmp_path: Path) -> None:
+    receiver, storage, broker = stack["receiver"], stack["storage"], stack["broker"]
+    worker = _worker(stack)
+    consumer = Consumer(broker, worker.handle, on_poison=worker.on_poison, poll_interval=0.2)
+    with running(consumer):
+        publish_job(broker, _job(stack, 11))
+        done = _wait_terminal(receiver, 11)
+        assert wait_for(lambda: depth(broker.queue) == 0 and worker.jobs_done == 1, 30)
+    # the contract: paths, methods, headers, payloads
+    assert done.method == "POST" and done.path == COMPLETE_PATH
+    assert done.json["model_url"] == f"s3://{storage.bucket}/{model_key(11)}"
+    meta = done.json["metadata"]
+    assert (meta["training_epochs"], meta["lora_rank"], meta["lora_alpha"]) == (2, 16, 32)
+    assert meta["num_images"] == 4  # both 0.png and both 1.png survived the download
+    progress = receiver.requests_to(PROGRESS_PATH)
+    assert progress and all(r.method == "PATCH" for r in progress)
+    assert progress[0].received_at < done.received_at
+    assert progress[-1].json["progress"]["progress_percent"] == 100
+    for r in [*progress, done]:
+        assert r.header("Authorization") == f"Bearer {TOKEN}"
+        assert r.header("X-Request-Source") == "training-server"
+        assert r.header("Content-Type") == "application/json"
+    assert len(_terminal(receiver, 11)) == 1
+    assert depth(broker.dlq) == 0 and get(broker.queue) is None
+    # the uploaded LoRA loads in diffusers and changes the UNet
+    local = storage.download_file(model_key(11), tmp_path / "dl" / "pytorch_lora_weights.safetensors")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    pipe.load_lora_weights(str(local.parent))
+    assert any("lora" in n for n, _ in pipe.unet.named_parameters())
+    assert storage.list_keys(checkpoint_prefix(11))  # checkpoints were uploaded during training
+
+
+def test_bad_jobs_fail_cleanly_and_the_worker_carries_on(stack, tmp_path: Path) -> None:
+    receiver, storage, broker = stack["receiver"], stack["storage"], stack["broker"]
+    storage.upload_file(_corrupt_png(tmp_path), "styles/bad/corrupt.png")
+    worker = _worker(stack)
+    consumer = Consumer(broker, worker.handle, on_poison=worker.on_poison, poll_interval=0.2)
+    bad = [
+        b"this is not json",
+        json.dumps({**_job(stack, 21), "num_epochs": -3}).encode(),  # invalid field
+        json.dumps(_job(stack, 22, webhook_url="http://evil.example:8000")).encode(),
+        json.dumps(_job(stack, 23, image_urls=[f"s3://{storage.bucket}/styles/bad/corrupt.png"])).encode(),
+        json.dumps(_job(stack, 24, image_urls=[f"s3://{storage.bucket}/styles/missing.png"])).encode(),
+    ]
+    with running(consumer):
+        for body in bad:
+            publish_job(broker, body)
+        publish_job(broker, _job(stack, 25))  # a good job after the bad ones
+        ok = _wait_terminal(receiver, 25)
+        assert wait_for(lambda: depth(broker.dlq) == 5, 30)
+    assert ok.path == COMPLETE_PATH
+    codes = {sid: _terminal(receiver, sid) for sid in (21, 22, 23, 24)}
+    assert [r.json["error_code"] for r in codes[21]] == ["INVALID_MESSAGE"]
+    assert "num_epochs" in codes[21][0].json["error_message"]
+    assert codes[22] == []  # nothing is ever sent to a host outside the allowlist
+    assert [r.json["error_code"] for r in codes[23]] == ["INVALID_IMAGE"]
+    assert "corrupt" in codes[23][0].json["error_message"]
+    assert [r.json["error_code"] for r in codes[24]] == ["DOWNLOAD_FAILED"]
+    assert "styles/missing.png" in codes[24][0].json["error_message"]
+    assert depth(broker.queue) == 0
+
+
+def _corrupt_png(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    path = tmp_path / "corrupt.png"
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_consecutive_jobs_start_from_a_fresh_lora(stack) -> None:
+    receiver, storage, broker = stack["receiver"], stack["storage"], stack["broker"]
+    worker = _worker(stack, "trainer.max_epochs=1")
+    consumer = Consumer(broker, worker.handle, poll_interval=0.2)
+    with running(consumer):
+        publish_job(broker, _job(stack, 31))
+        publish_job(broker, _job(stack, 32))
+        _wait_terminal(receiver, 32)
+        _wait_terminal(receiver, 31)
+    files = {}
+    for sid in (31, 32):
+        path = storage.download_file(model_key(sid), Path(f"/tmp/ll-fresh-{os.getpid()}-{sid}.st"))
+        files[sid] = load_file(path)
+        path.unlink()
+    for k in files[31]:
+        torch.testing.assert_close(files[31][k], files[32][k], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ worker processes
+def _spawn_worker(stack, *extra: str) -> subprocess.Popen:
+    broker: BrokerSettings = stack["broker"]
+    env = {
+        **os.environ,
+        "RABBITMQ_HOST": broker.host,
+        "RABBITMQ_QUEUE": broker.queue,
+        "RABBITMQ_HEARTBEAT": "5",
+        "PYTHONUNBUFFERED": "1",
+    }
+    overrides = ",".join(f'"{o}"' for o in _train_overrides(*extra))
+    args = [str(WORKER_SCRIPT), f"train_overrides=[{overrides}]", "webhook_allowlist=[127.0.0.1]",
+            "grace_period_s=60"]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.kill()
+    out, _ = proc.communicate(timeout=30)
+    return out
+
+
+def test_a_killed_worker_s_job_resumes_from_its_s3_checkpoint(stack) -> None:
+    receiver, storage, broker = stack["receiver"], stack["storage"], stack["broker"]
+    extra = ("trainer.max_epochs=6",)
+    first = _spawn_worker(stack, *extra)
+    second = None
+    try:
+        publish_job(broker, _job(stack, 41))
+        prefix = checkpoint_prefix(41)
+        assert wait_for(lambda: len(storage.list_keys(prefix)) >= 1, 240, interval=0.2), _stop(first)
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        killed_at = time.time()
+        assert not _terminal(receiver, 41)
+        second = _spawn_worker(stack, *extra)
+        done = _wait_terminal(receiver, 41)
+        assert done.path == COMPLETE_PATH, done.json
+        assert done.json["metadata"]["training_epochs"] == 6
+        assert done.json["metadata"].get("resumed_from_epoch", 0) >= 1
+        after = [r for r in receiver.requests_to(PROGRESS_PATH) if r.received_at > killed_at]
+        assert after and after[0].json["progress"]["current_epoch"] >= 1
+        time.sleep(1)
+        assert len(_terminal(receiver, 41)) == 1
+        assert wait_for(lambda: depth(broker.queue) == 0, 30)
+    finally:
+        _stop(first)
+        if second is not None:
+            second.send_signal(signal.SIGTERM)
+            try:
+                second.wait(60)
+            finally:
+                _stop(second)
+
+
+def test_sigterm_checkpoints_requeues_and_exits_zero(stack) -> None:
+    receiver, storage, broker = stack["receiver"], stack["storage"], stack["broker"]
+    proc = _spawn_worker(stack, "trainer.max_epochs=50", "callbacks.s3_checkpoint.every_n_epochs=100")
+    try:
+        publish_job(broker, _job(stack, 51))
+        assert receiver.wait_for(
+            lambda reqs: any(r.path == PROGRESS_PATH and r.json["progress"]["current_epoch"] >= 1
+                             for r in reqs), 240)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0
+    finally:
+        out = _stop(proc)
+    assert storage.list_keys(checkpoint_prefix(51)), out[-3000:]  # checkpointed on the way out
+    assert _terminal(receiver, 51) == []  # neither completed nor failed
+    assert depth(broker.queue) == 1  # back in the queue for the next worker
+    assert TOKEN not in out
