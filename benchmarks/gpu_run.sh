@@ -63,6 +63,8 @@ CASES=(
   ref:1:gc
   ours:16:default
 )
+# BENCH_CASES="ref:4:gc ours:4" replaces the list (e.g. for a quick dry run).
+if [[ -n "${BENCH_CASES:-}" ]]; then read -ra CASES <<<"$BENCH_CASES"; fi
 ARGS=(--steps 15 --warmup 5 --audit-steps 5 --budget-s "${BUDGET_S:-420}")
 if [[ $MODE == tiny ]]; then
   CASES=("${CASES[@]//reduce-overhead/none}")

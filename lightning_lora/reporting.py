@@ -239,6 +239,7 @@ def run_reported_training(
     resume: bool = True,
     work_dir: str | Path | None = None,
     flush_timeout_s: float | None = None,
+    run_id: str | None = None,
 ) -> TrainResult:
     """Train, upload the LoRA and report completion, or report the failure and re-raise.
 
@@ -254,6 +255,8 @@ def run_reported_training(
             ``{paths.output_dir}/resume``.
         flush_timeout_s: Most seconds to wait for the webhooks at the end; defaults to the
             client's ``max_total_s`` plus 30 s.
+        run_id: The job's identity: checkpoints are written to and resumed from
+            ``checkpoints/style_{id}/{run_id}/`` only (a new job never resumes an old one).
 
     Returns:
         The run's result (``result.metrics``/``metadata`` as from ``train``).
@@ -273,7 +276,7 @@ def run_reported_training(
         if not any(isinstance(c, S3CheckpointCallback) for c in callbacks):
             s3_settings = _settings(cfg, "s3_checkpoint")
             options = {k: s3_settings[k] for k in _S3_CALLBACK_SETTINGS if k in s3_settings}
-            own.append(S3CheckpointCallback(storage, style_id, **options))
+            own.append(S3CheckpointCallback(storage, style_id, run_id=run_id, **options))
         if resume:
             folder = (
                 Path(work_dir) if work_dir is not None else Path(cfg.paths.output_dir) / "resume"
@@ -283,6 +286,7 @@ def run_reported_training(
                 style_id,
                 folder,
                 expect_lora={"rank": cfg.lora.rank, "alpha": cfg.lora.alpha},
+                run_id=run_id,
             )
         result = train(cfg, callbacks=[*own, *callbacks], ckpt_path=resume_file)
         if result.lora is None:  # not global rank zero: rank zero uploads and reports

@@ -213,7 +213,7 @@ def test_a_killed_worker_s_job_resumes_from_its_s3_checkpoint(stack) -> None:
         assert wait_for(lambda: len(storage.list_keys(prefix)) >= 1, 240, interval=0.2), _stop(first)
         first.send_signal(signal.SIGKILL)
         first.wait(30)
-        killed_at = time.time()
+        killed_at = time.monotonic()
         assert not _terminal(receiver, 41)
         second = _spawn_worker(stack, *extra)
         done = _wait_terminal(receiver, 41)

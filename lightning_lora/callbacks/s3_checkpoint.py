@@ -79,12 +79,13 @@ def parse_checkpoint_name(key: str) -> tuple[int, int] | None:
     return int(match.group(1)), int(match.group(2))
 
 
-def list_checkpoints(storage: S3Storage, style_id: int) -> list[str]:
+def list_checkpoints(storage: S3Storage, style_id: int, run_id: str | None = None) -> list[str]:
     """Keys of a style's checkpoints, newest (highest epoch, then step) first.
 
     Args:
         storage: The bucket.
         style_id: The style.
+        run_id: Only this job's checkpoints (see :func:`checkpoint_prefix`).
 
     Returns:
         Keys under ``checkpoints/style_{id}/`` named like :func:`checkpoint_name`.
@@ -93,7 +94,10 @@ def list_checkpoints(storage: S3Storage, style_id: int) -> list[str]:
         DownloadError: The listing failed.
     """
     keyed = []
-    for key in storage.list_keys(checkpoint_prefix(style_id)):
+    prefix = checkpoint_prefix(style_id, run_id)
+    for key in storage.list_keys(prefix):
+        if "/" in key[len(prefix) :]:
+            continue  # another run's folder
         parsed = parse_checkpoint_name(key)
         if parsed is not None:
             keyed.append((parsed, key))
@@ -104,7 +108,8 @@ def list_checkpoints(storage: S3Storage, style_id: int) -> list[str]:
 def _check_checkpoint(path: Path, expect_lora: Mapping[str, Any] | None) -> str | None:
     """Return why ``path`` is not a usable checkpoint, or ``None`` if it is."""
     try:
-        checkpoint = torch.load(path, weights_only=False, map_location="cpu")
+        # weights_only: a checkpoint fetched from the bucket must not be able to run code
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # truncated, corrupt, not a torch file...
         return f"does not load ({type(exc).__name__}: {str(exc)[:200]})"
     if not isinstance(checkpoint, dict):
@@ -125,6 +130,7 @@ def find_resume_checkpoint(
     style_id: int,
     dest_dir: str | Path,
     expect_lora: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
 ) -> Path | None:
     """Download the newest usable checkpoint of a style, for ``train(..., ckpt_path=...)``.
 
@@ -138,6 +144,7 @@ def find_resume_checkpoint(
         dest_dir: Local folder for the download (created if missing).
         expect_lora: E.g. ``{"rank": 16, "alpha": 32}``: skip checkpoints whose saved
             ``lora_config`` differs.
+        run_id: Only this job's checkpoints (see :func:`checkpoint_prefix`).
 
     Returns:
         The local checkpoint path, or ``None`` when there is no usable checkpoint.
@@ -146,7 +153,7 @@ def find_resume_checkpoint(
         DownloadError: The style's checkpoints could not be listed.
     """
     dest = Path(dest_dir)
-    for key in list_checkpoints(storage, style_id):
+    for key in list_checkpoints(storage, style_id, run_id):
         local = dest / Path(key).name
         try:
             storage.download_file(key, local)
@@ -249,6 +256,7 @@ class S3CheckpointCallback(L.Callback):
         every_n_epochs: int = 5,
         keep_last: int = 2,
         final_wait_s: float = 300.0,
+        run_id: str | None = None,
     ) -> None:
         """Configure.
 
@@ -260,10 +268,12 @@ class S3CheckpointCallback(L.Callback):
             every_n_epochs: Save and upload every this many epochs (0 disables).
             keep_last: Checkpoints of the style kept in S3; older ones are deleted (0 keeps all).
             final_wait_s: Most seconds to wait for pending uploads when ``fit`` ends.
+            run_id: The job's identity; checkpoints go under ``checkpoints/style_{id}/{run_id}/``.
         """
         self.storage = storage
         self.style_id = style_id
-        self.prefix = checkpoint_prefix(style_id)
+        self.run_id = run_id
+        self.prefix = checkpoint_prefix(style_id, run_id)
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.every_n_epochs = max(0, int(every_n_epochs))
         self.keep_last = max(0, int(keep_last))
@@ -371,7 +381,7 @@ class S3CheckpointCallback(L.Callback):
         if not self.keep_last:
             return
         try:
-            old = list_checkpoints(self.storage, self.style_id)[self.keep_last :]
+            old = list_checkpoints(self.storage, self.style_id, self.run_id)[self.keep_last :]
             if old:
                 self.storage.delete_keys(old)
                 log.info("deleted %d old checkpoint(s) of style %s", len(old), self.style_id)

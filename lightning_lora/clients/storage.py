@@ -191,9 +191,26 @@ def kohya_key(style_id: int) -> str:
     return f"models/style_{_check_style_id(style_id)}/lora_kohya.safetensors"
 
 
-def checkpoint_prefix(style_id: int) -> str:
-    """Return the prefix of a style's checkpoints: ``checkpoints/style_{id}/``."""
-    return f"checkpoints/style_{_check_style_id(style_id)}/"
+_RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,80}")
+
+
+def checkpoint_prefix(style_id: int, run_id: str | None = None) -> str:
+    """Return the prefix of a style's checkpoints.
+
+    Args:
+        style_id: The style.
+        run_id: A job's identity: its checkpoints live under ``checkpoints/style_{id}/{run_id}/``,
+            so a new job for the same style never resumes an older job's training.
+
+    Returns:
+        ``checkpoints/style_{id}/`` or ``checkpoints/style_{id}/{run_id}/``.
+    """
+    base = f"checkpoints/style_{_check_style_id(style_id)}/"
+    if run_id is None:
+        return base
+    if not _RUN_ID.fullmatch(run_id) or run_id in {".", ".."}:
+        raise ValueError(f"run id {run_id!r} must match [A-Za-z0-9._-]{{1,80}}")
+    return f"{base}{run_id}/"
 
 
 def local_image_name(index: int, key: str, width: int = 4) -> str:

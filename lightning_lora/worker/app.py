@@ -22,9 +22,11 @@ freshly initialised LoRA (``inject_lora``), so nothing carries over from one job
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -87,8 +89,10 @@ class WorkerSettings:
 
     @classmethod
     def from_config(cls, cfg: DictConfig, env: dict[str, str] | None = None) -> WorkerSettings:
-        """Settings from the composed ``worker.yaml``; ``WEBHOOK_ALLOWLIST`` and
-        ``S3_ALLOWED_BUCKETS`` (comma-separated) extend the lists."""
+        """Settings from the composed ``worker.yaml``.
+
+        ``WEBHOOK_ALLOWLIST`` and ``S3_ALLOWED_BUCKETS`` (comma-separated) extend the lists.
+        """
         env = dict(os.environ if env is None else env)
         plain: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         limits = plain.pop("limits", {}) or {}
@@ -106,6 +110,22 @@ class WorkerSettings:
             resume_from_s3=bool(plain.get("resume_from_s3", True)),
             **{k: int(v) for k, v in limits.items()},
         )
+
+
+#: Written under the run's checkpoint prefix once the completion webhook has been delivered.
+COMPLETED_MARKER = "completed.json"
+
+
+def job_run_id(delivery: Delivery) -> str:
+    """A job's identity across redeliveries: its AMQP message id, else a hash of its body.
+
+    Checkpoints and the completion marker are kept per run id, so a redelivered job resumes
+    its own checkpoints and a new job for the same style starts fresh.
+    """
+    message_id = delivery.message_id or ""
+    if re.fullmatch(r"[A-Za-z0-9._-]{1,80}", message_id) and message_id not in {".", ".."}:
+        return message_id
+    return "sha-" + hashlib.sha256(delivery.body).hexdigest()[:32]
 
 
 class InterruptOnStop(L.Callback):
@@ -195,7 +215,8 @@ class TrainingWorker:
             log.error(
                 "job %s (style %s) dead-lettered: field 'webhook_url': host not in the webhook "
                 "allowlist (WEBHOOK_ALLOWLIST); no request was sent to it",
-                job.job_id, job.style_id,
+                job.job_id,
+                job.style_id,
             )
             return Outcome.REJECT
         log.info("job %s: style %s, %d image(s)", job.job_id, job.style_id, len(job.image_urls))
@@ -208,8 +229,11 @@ class TrainingWorker:
     def on_poison(self, delivery: Delivery) -> None:
         """A message that reached the redelivery limit: report it failed (it is dead-lettered)."""
         try:
-            job = parse_job(delivery.body, max_images=self.settings.max_images,
-                            max_body_bytes=self.settings.max_message_bytes)
+            job = parse_job(
+                delivery.body,
+                max_images=self.settings.max_images,
+                max_body_bytes=self.settings.max_message_bytes,
+            )
         except InvalidMessageError:
             return
         if not webhook_allowed(job.webhook_url, self.settings.webhook_allowlist):
@@ -222,9 +246,19 @@ class TrainingWorker:
 
     # ------------------------------------------------------------------ the job
     def _run(self, job: TrainingJob, delivery: Delivery, timings: JobTimings) -> Outcome:
+        from lightning_lora.clients.storage import checkpoint_prefix
         from lightning_lora.reporting import build_sender, run_reported_training
         from lightning_lora.train import compose_config
 
+        run_id = job_run_id(delivery)
+        marker = checkpoint_prefix(job.style_id, run_id) + COMPLETED_MARKER
+        if self._exists(marker):
+            log.warning(
+                "job %s (run %s) already completed: acknowledging without training",
+                job.job_id,
+                run_id,
+            )
+            return Outcome.ACK
         job_dir = Path(
             tempfile.mkdtemp(prefix=f"ll-job-{job.style_id}-", dir=self.settings.work_dir)
         )
@@ -258,24 +292,55 @@ class TrainingWorker:
                     callbacks=[InterruptOnStop(delivery.stop_requested)],
                     resume=self.settings.resume_from_s3,
                     work_dir=job_dir / "resume",
+                    run_id=run_id,
                 )
             except JobInterrupted as exc:
                 log.warning("job %s requeued: %s", job.job_id, exc)
                 return Outcome.REQUEUE
             except Exception as exc:
-                log.error("job %s failed (%s): %s", job.job_id, error_code_of(exc),
-                          redact(str(exc)))
+                log.error(
+                    "job %s failed (%s): %s", job.job_id, error_code_of(exc), redact(str(exc))
+                )
                 return Outcome.REJECT
             finally:
                 elapsed = time.monotonic() - t0
             timings.training_s = float(result.metrics.get("train_seconds", elapsed))
             timings.upload_and_report_s = max(0.0, elapsed - timings.training_s)
+            self._mark_completed(job, run_id, marker, job_dir)
             self.jobs_done += 1
             return Outcome.ACK
         finally:
             if sender is not None:
                 sender.close(timeout_s=30.0)
             shutil.rmtree(job_dir, ignore_errors=True)
+
+    def _exists(self, key: str) -> bool:
+        try:
+            return bool(self.storage.exists(key))
+        except Exception as exc:  # an unreachable store fails the download step with its code
+            log.warning("could not check %s: %s", key, redact(str(exc)))
+            return False
+
+    def _mark_completed(self, job: TrainingJob, run_id: str, marker: str, job_dir: Path) -> None:
+        """Record the completion and drop the run's checkpoints.
+
+        A redelivery of the same message then acks without training again. Best effort: a
+        failure is logged, the job stays completed.
+        """
+        from lightning_lora.callbacks.s3_checkpoint import list_checkpoints
+
+        try:
+            path = job_dir / COMPLETED_MARKER
+            path.write_text(
+                json.dumps(
+                    {"style_id": job.style_id, "run_id": run_id, "completed_at": time.time()}
+                ),
+                encoding="utf-8",
+            )
+            self.storage.upload_file(path, marker)
+            self.storage.delete_keys(list_checkpoints(self.storage, job.style_id, run_id))
+        except Exception as exc:
+            log.warning("job %s: completion marker not written: %s", job.job_id, redact(str(exc)))
 
     def _download(self, job: TrainingJob, dest: Path) -> None:
         """Fetch the images and write the job's captions beside them."""
