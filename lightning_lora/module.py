@@ -338,15 +338,26 @@ class LoRAModule(L.LightningModule):
         cast_training_params(self.unet, dtype=torch.float32)
         if self.hparams.channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "build_cache"):
-            with self.trainer.precision_plugin.forward_context():
-                datamodule.build_cache(self.encode_images, self.encode_text, self.device)
-                self.prepare_validation(*datamodule.validation_examples())
+        self.prepare_data_caches()
         with self.trainer.precision_plugin.forward_context():
             # noise tables on the device, built in the training step's autocast state
             for dtype in {torch.float32, self.vae.dtype}:
                 self.noise_tables(self.device, dtype)
+
+    def prepare_data_caches(self) -> None:
+        """Build the latent/text cache and the validation inputs once, on the training device.
+
+        Called from :meth:`configure_optimizers` (a schedule that needs the run's step count makes
+        Lightning ask for the train dataloader before ``on_fit_start``) and from
+        :meth:`on_fit_start`; the model is already on its device at both points.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "build_cache"):
+            return
+        with self.trainer.precision_plugin.forward_context():
+            datamodule.build_cache(self.encode_images, self.encode_text, self.device)
+            if self._val_inputs is None:
+                self.prepare_validation(*datamodule.validation_examples())
 
     def on_train_start(self) -> None:
         # After a resume, Lightning has loaded the checkpoint's LoRA tensors: keep them fp32.
@@ -355,7 +366,31 @@ class LoRAModule(L.LightningModule):
     def on_train_end(self) -> None:
         self.check_finite()
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, which also works for a fused optimizer under ``bf16-mixed``.
+
+        Lightning refuses to clip for an optimizer that unscales its own gradients (fused AdamW)
+        under any mixed precision. That is only needed with a GradScaler (``16-mixed``): without
+        one (``bf16-mixed``, ``32-true``) the gradients are not scaled and clipping them is exact.
+        """
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if fused and gradient_clip_val and scaler is None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if str(gradient_clip_algorithm or "norm").lower().endswith("value"):
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> Any:
+        self.prepare_data_caches()
         params = lora_parameters(self.unet)
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:

@@ -130,9 +130,7 @@ pipe.load_lora_weights(
 rows = {}
 for scale in (0.0, 1.0):
     pipe.set_adapters(["style"], [scale])
-    rows[scale] = generate(
-        pipe, PROMPTS, resolution=64, steps=8, guidance_scale=7.5, seed=0
-    )
+    rows[scale] = generate(pipe, PROMPTS, resolution=64, steps=4, guidance_scale=7.5, seed=0)
 grid = make_grid(rows[0.0] + rows[1.0], cols=len(PROMPTS))
 grid.save(OUTPUT_DIR / "lora_scales.png")
 print("rows: LoRA scale 0 (base model), LoRA scale 1")
@@ -216,7 +214,9 @@ for row in report.rows:
         continue
     with open(metrics_csv, encoding="utf-8") as f:
         points = [
-            (int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")
+            (int(r["step"]), float(r["train/loss"]))
+            for r in csv.DictReader(f)
+            if r.get("train/loss")
         ]
     label = " ".join(f"{k}={row.overrides[k]}" for k in report.swept) or row.run
     ax.plot(*zip(*points, strict=True), marker=".", label=label)

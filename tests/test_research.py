@@ -183,14 +183,7 @@ def test_experiment_preset_runs_tiny(name: str, make_cfg, tmp_path: Path) -> Non
     ]
     if name in GPU_PRESETS:
         overrides.append("trainer.precision=32-true")
-    try:
-        result = train(make_cfg(*overrides, output_dir=tmp_path / name))
-    except RuntimeError as exc:
-        if "latent cache not built" not in str(exc):
-            raise
-        # configure_optimizers asks for estimated_stepping_batches (the cosine schedule's length)
-        # before on_fit_start has built the latent cache: a bug in module.py/data.py.
-        pytest.xfail(f"module/scheduler=cosine with data.cache_latents=true: {exc}")
+    result = train(make_cfg(*overrides, output_dir=tmp_path / name))
     assert result.metrics["steps"] == 1
     assert np.isfinite(result.metrics["val/loss"])
     assert result.lora is not None and result.lora.diffusers.is_file()
