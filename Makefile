@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # CPU machines take a plain torch pin that installs fast here; GPU machines take the newest build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: install demo test lint format train clean
+.PHONY: install demo test lint format train load bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ format: install
 # make train ARGS="model=sd15 data.image_dir=/data/style trainer.max_epochs=50"
 train: install
 	$(VENV)/bin/lightning-lora-train $(ARGS)
+
+# the reliability figures of docs/RELIABILITY.md (30 tiny jobs over 2 worker processes)
+load: install
+	$(PY) benchmarks/load_test.py --jobs 30 --workers 2
+
+# the speed table of docs/PERFORMANCE.md (CPU: tiny model; CUDA: SD1.5 shapes)
+bench: install
+	$(VENV)/bin/lightning-lora-bench
 
 clean:
 	rm -rf outputs .pytest_cache

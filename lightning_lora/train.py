@@ -245,4 +245,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m lightning_lora.train`: run the importable `main` (not `__main__.main`), so that
+    # process-based launchers (hydra/launcher=local_parallel) can pickle the task by reference
+    from lightning_lora.train import main as _importable_main
+
+    _importable_main()

@@ -58,9 +58,7 @@ def demo_images(ll_cache: Path) -> Path:
 
 
 @pytest.fixture
-def make_cfg(
-    tmp_path: Path, tiny_model: str, demo_images: Path
-) -> Callable[..., object]:
+def make_cfg(tmp_path: Path, tiny_model: str, demo_images: Path) -> Callable[..., object]:
     """Factory: ``make_cfg(*overrides, output_dir=None)`` -> a tiny CPU training config."""
     from lightning_lora.train import compose_config
 

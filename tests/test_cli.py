@@ -24,9 +24,16 @@ def _run(args: list[str], cache: Path, cwd: Path) -> subprocess.CompletedProcess
 def test_single_run_with_overrides(tmp_path: Path, ll_cache: Path, demo_images: Path) -> None:
     run_dir = tmp_path / "single"
     proc = _run(
-        [*TINY_OVERRIDES, f"data.image_dir={demo_images}", "lora.rank=2", "lora.alpha=3",
-         "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"],
-        ll_cache, tmp_path,
+        [
+            *TINY_OVERRIDES,
+            f"data.image_dir={demo_images}",
+            "lora.rank=2",
+            "lora.alpha=3",
+            "trainer.max_epochs=1",
+            f"hydra.run.dir={run_dir}",
+        ],
+        ll_cache,
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"LoRA (diffusers): {run_dir}/lora/pytorch_lora_weights.safetensors" in proc.stdout
@@ -37,12 +44,21 @@ def test_single_run_with_overrides(tmp_path: Path, ll_cache: Path, demo_images: 
     assert json.loads((run_dir / "summary.json").read_text())["metrics"]["val/loss"] > 0
 
 
-def test_multirun_gives_one_folder_per_run(tmp_path: Path, ll_cache: Path, demo_images: Path) -> None:
+def test_multirun_gives_one_folder_per_run(
+    tmp_path: Path, ll_cache: Path, demo_images: Path
+) -> None:
     sweep_dir = tmp_path / "sweep"
     proc = _run(
-        ["-m", *TINY_OVERRIDES, f"data.image_dir={demo_images}", "trainer.max_epochs=1",
-         "lora.rank=2,4", f"hydra.sweep.dir={sweep_dir}"],
-        ll_cache, tmp_path,
+        [
+            "-m",
+            *TINY_OVERRIDES,
+            f"data.image_dir={demo_images}",
+            "trainer.max_epochs=1",
+            "lora.rank=2,4",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        ll_cache,
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = sorted(

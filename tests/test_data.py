@@ -134,7 +134,7 @@ def test_datamodule_fails_on_a_corrupt_file_naming_it(tmp_path: Path) -> None:
 
 
 def test_random_crop_with_cache_is_refused() -> None:
-    with pytest.raises(DatasetError, match="random_crop.*cache_latents"):
+    with pytest.raises(DatasetError, match=r"random_crop.*cache_latents"):
         StyleDataModule("unused", random_crop=True, cache_latents=True)
 
 

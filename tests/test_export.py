@@ -77,7 +77,10 @@ def test_kohya_file_has_kohya_keys_and_the_real_alpha(trained) -> None:
     sd = load_file(trained.lora.kohya)
     downs = [k for k in sd if k.endswith(".lora_down.weight")]
     assert downs and all(k.startswith("lora_unet_") for k in sd)
-    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in sd
+    assert (
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
+        in sd
+    )
     assert any(k.endswith("_to_out_0.lora_up.weight") for k in sd)
     for k in downs:
         stem = k.removesuffix(".lora_down.weight")
@@ -91,7 +94,9 @@ def test_kohya_file_converts_back_to_the_same_unet(trained, tiny_model) -> None:
     from_diffusers = _pipe(tiny_model)
     from_diffusers.load_lora_weights(str(trained.lora.folder))
     from_kohya = _pipe(tiny_model)
-    from_kohya.load_lora_weights(str(trained.lora.kohya.parent), weight_name=trained.lora.kohya.name)
+    from_kohya.load_lora_weights(
+        str(trained.lora.kohya.parent), weight_name=trained.lora.kohya.name
+    )
     torch.testing.assert_close(_unet_out(from_kohya.unet), _unet_out(from_diffusers.unet))
 
 

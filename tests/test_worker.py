@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +41,9 @@ def _train_overrides(*extra: str) -> list[str]:
 
 
 @pytest.fixture
-def stack(s3_env: S3Storage, webhook_receiver, broker_settings, monkeypatch, demo_images, tiny_model):
+def stack(
+    s3_env: S3Storage, webhook_receiver, broker_settings, monkeypatch, demo_images, tiny_model
+):
     """Everything a job touches: bucket with images, receiver, queue, token."""
     monkeypatch.setenv("INTERNAL_API_TOKEN", TOKEN)
     pngs = sorted(demo_images.glob("*.png"))[:4]
@@ -76,15 +79,20 @@ def _worker(stack, *extra: str) -> TrainingWorker:
 
 def _terminal(receiver, style_id: int) -> list:
     return [
-        r for r in receiver.requests
+        r
+        for r in receiver.requests
         if r.path in (COMPLETE_PATH, FAILED_PATH) and r.json and r.json.get("style_id") == style_id
     ]
 
 
 def _wait_terminal(receiver, style_id: int, timeout: float = 240) -> object:
-    receiver.wait_for(lambda reqs: any(
-        r.path in (COMPLETE_PATH, FAILED_PATH) and (r.json or {}).get("style_id") == style_id
-        for r in reqs), timeout)
+    receiver.wait_for(
+        lambda reqs: any(
+            r.path in (COMPLETE_PATH, FAILED_PATH) and (r.json or {}).get("style_id") == style_id
+            for r in reqs
+        ),
+        timeout,
+    )
     return _terminal(receiver, style_id)[0]
 
 
@@ -113,7 +121,9 @@ def test_a_job_end_to_end(stack, tiny_model: str, tmp_path: Path) -> None:
     assert len(_terminal(receiver, 11)) == 1
     assert depth(broker.dlq) == 0 and get(broker.queue) is None
     # the uploaded LoRA loads in diffusers and changes the UNet
-    local = storage.download_file(model_key(11), tmp_path / "dl" / "pytorch_lora_weights.safetensors")
+    local = storage.download_file(
+        model_key(11), tmp_path / "dl" / "pytorch_lora_weights.safetensors"
+    )
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
     pipe.load_lora_weights(str(local.parent))
     assert any("lora" in n for n, _ in pipe.unet.named_parameters())
@@ -129,8 +139,12 @@ def test_bad_jobs_fail_cleanly_and_the_worker_carries_on(stack, tmp_path: Path) 
         b"this is not json",
         json.dumps({**_job(stack, 21), "num_epochs": -3}).encode(),  # invalid field
         json.dumps(_job(stack, 22, webhook_url="http://evil.example:8000")).encode(),
-        json.dumps(_job(stack, 23, image_urls=[f"s3://{storage.bucket}/styles/bad/corrupt.png"])).encode(),
-        json.dumps(_job(stack, 24, image_urls=[f"s3://{storage.bucket}/styles/missing.png"])).encode(),
+        json.dumps(
+            _job(stack, 23, image_urls=[f"s3://{storage.bucket}/styles/bad/corrupt.png"])
+        ).encode(),
+        json.dumps(
+            _job(stack, 24, image_urls=[f"s3://{storage.bucket}/styles/missing.png"])
+        ).encode(),
     ]
     with running(consumer):
         for body in bad:
@@ -179,7 +193,8 @@ def test_consecutive_jobs_start_from_a_fresh_lora(stack) -> None:
 
 
 # ------------------------------------------------------------------ worker processes
-def _spawn_worker(stack, *extra: str) -> subprocess.Popen:
+def _spawn_worker(stack, *extra: str, log_path: Path | None = None) -> subprocess.Popen:
+    """A ``lightning-lora-worker`` process; its output goes to a file (read by ``_stop``)."""
     broker: BrokerSettings = stack["broker"]
     env = {
         **os.environ,
@@ -189,17 +204,25 @@ def _spawn_worker(stack, *extra: str) -> subprocess.Popen:
         "PYTHONUNBUFFERED": "1",
     }
     overrides = ",".join(f'"{o}"' for o in _train_overrides(*extra))
-    args = [str(WORKER_SCRIPT), f"train_overrides=[{overrides}]", "webhook_allowlist=[127.0.0.1]",
-            "grace_period_s=60"]
-    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    args = [
+        str(WORKER_SCRIPT),
+        f"train_overrides=[{overrides}]",
+        "webhook_allowlist=[127.0.0.1]",
+        "grace_period_s=60",
+    ]
+    if log_path is None:
+        log_path = Path(tempfile.mkstemp(prefix="ll-worker-", suffix=".log")[1])
+    with open(log_path, "a", encoding="utf-8") as log:  # a file: a full pipe could block a worker
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = log_path
+    return proc
 
 
 def _stop(proc: subprocess.Popen) -> str:
     if proc.poll() is None:
         proc.kill()
-    out, _ = proc.communicate(timeout=30)
-    return out
+    proc.wait(timeout=30)
+    return Path(proc.log_path).read_text(encoding="utf-8", errors="replace")
 
 
 def test_a_killed_worker_s_job_resumes_from_its_s3_checkpoint(stack) -> None:
@@ -210,7 +233,9 @@ def test_a_killed_worker_s_job_resumes_from_its_s3_checkpoint(stack) -> None:
     try:
         publish_job(broker, _job(stack, 41))
         prefix = checkpoint_prefix(41)
-        assert wait_for(lambda: len(storage.list_keys(prefix)) >= 1, 240, interval=0.2), _stop(first)
+        assert wait_for(lambda: len(storage.list_keys(prefix)) >= 1, 240, interval=0.2), _stop(
+            first
+        )
         first.send_signal(signal.SIGKILL)
         first.wait(30)
         killed_at = time.monotonic()
@@ -237,12 +262,17 @@ def test_a_killed_worker_s_job_resumes_from_its_s3_checkpoint(stack) -> None:
 
 def test_sigterm_checkpoints_requeues_and_exits_zero(stack) -> None:
     receiver, storage, broker = stack["receiver"], stack["storage"], stack["broker"]
-    proc = _spawn_worker(stack, "trainer.max_epochs=50", "callbacks.s3_checkpoint.every_n_epochs=100")
+    proc = _spawn_worker(
+        stack, "trainer.max_epochs=50", "callbacks.s3_checkpoint.every_n_epochs=100"
+    )
     try:
         publish_job(broker, _job(stack, 51))
         assert receiver.wait_for(
-            lambda reqs: any(r.path == PROGRESS_PATH and r.json["progress"]["current_epoch"] >= 1
-                             for r in reqs), 240)
+            lambda reqs: any(
+                r.path == PROGRESS_PATH and r.json["progress"]["current_epoch"] >= 1 for r in reqs
+            ),
+            240,
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0
     finally:

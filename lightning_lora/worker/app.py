@@ -112,7 +112,7 @@ class WorkerSettings:
         )
 
 
-#: Written under the run's checkpoint prefix once the completion webhook has been delivered.
+#: Written under the run's checkpoint prefix once the backend has accepted the completion.
 COMPLETED_MARKER = "completed.json"
 
 
@@ -306,6 +306,13 @@ class TrainingWorker:
                 elapsed = time.monotonic() - t0
             timings.training_s = float(result.metrics.get("train_seconds", elapsed))
             timings.upload_and_report_s = max(0.0, elapsed - timings.training_s)
+            stats = sender.stats
+            if stats.reliable_sent < stats.reliable_posted:
+                # the backend never took the completion (down past the retry budget): requeue;
+                # the redelivery resumes from the final checkpoint and reports again, bounded by
+                # the delivery limit
+                log.error("job %s: completion not delivered; requeued to report again", job.job_id)
+                return Outcome.REQUEUE
             self._mark_completed(job, run_id, marker, job_dir)
             self.jobs_done += 1
             return Outcome.ACK
