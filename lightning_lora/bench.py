@@ -635,11 +635,13 @@ class Bench:
         free_memory()
         before = dynamo_counts()
         start = time.perf_counter()
-        result = train(cfg, callbacks=[timer])
+        try:
+            result = train(cfg, callbacks=[timer])
+        finally:
+            if timer.unet is not None:
+                self.attention = attention_processors(timer.unet)
         wall = time.perf_counter() - start
         after = dynamo_counts()
-        if timer.unet is not None:
-            self.attention = attention_processors(timer.unet)
         step_s = timer.step_s
         fit_start = timer.fit_start or start
         first = timer.first_batch or fit_start
