@@ -112,7 +112,8 @@ class WorkerSettings:
         )
 
 
-#: Written under the run's checkpoint prefix once the backend has accepted the completion.
+#: Written under the run's checkpoint prefix once the job is done and its completion was sent
+#: (or given up after the retry budget).
 COMPLETED_MARKER = "completed.json"
 
 
@@ -246,7 +247,7 @@ class TrainingWorker:
 
     # ------------------------------------------------------------------ the job
     def _run(self, job: TrainingJob, delivery: Delivery, timings: JobTimings) -> Outcome:
-        from lightning_lora.clients.storage import checkpoint_prefix
+        from lightning_lora.clients.storage import checkpoint_prefix, model_key
         from lightning_lora.reporting import build_sender, run_reported_training
         from lightning_lora.train import compose_config
 
@@ -308,11 +309,14 @@ class TrainingWorker:
             timings.upload_and_report_s = max(0.0, elapsed - timings.training_s)
             stats = sender.stats
             if stats.reliable_sent < stats.reliable_posted:
-                # the backend never took the completion (down past the retry budget): requeue;
-                # the redelivery resumes from the final checkpoint and reports again, bounded by
-                # the delivery limit
-                log.error("job %s: completion not delivered; requeued to report again", job.job_id)
-                return Outcome.REQUEUE
+                # The backend did not take the completion within its retry budget. The LoRA is in
+                # S3 and the job is done: acked (requeueing would retrain and could end in a
+                # REDELIVERY_LIMIT failure for a model that exists). See docs/RELIABILITY.md.
+                log.error(
+                    "job %s: completion webhook not delivered (the LoRA is at %s)",
+                    job.job_id,
+                    self.storage.s3_url(model_key(job.style_id)),
+                )
             self._mark_completed(job, run_id, marker, job_dir)
             self.jobs_done += 1
             return Outcome.ACK
