@@ -185,7 +185,9 @@ def train(
         caption_dropout=cfg.data.caption_dropout,
         lora_seed=cfg.seed,
     )
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # the LoRA init above used cfg.seed on every rank (identical weights); the per-step draws
+    # (latent samples, noise, timesteps) are decorrelated across data-parallel ranks
+    L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg.get("allow_tf32", True))
         torch.backends.cudnn.allow_tf32 = bool(cfg.get("allow_tf32", True))
