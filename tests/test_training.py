@@ -50,7 +50,7 @@ def test_overfitting_lowers_the_validation_loss(make_cfg) -> None:
 def test_checkpoints_hold_only_lora_and_resume_is_exact(make_cfg, tmp_path: Path) -> None:
     full = train(make_cfg("trainer.max_epochs=4", output_dir=tmp_path / "full"))
     first = train(make_cfg("trainer.max_epochs=2", output_dir=tmp_path / "first"))
-    ckpt = torch.load(first.last_checkpoint, map_location="cpu", weights_only=False)
+    ckpt = torch.load(first.last_checkpoint, map_location="cpu", weights_only=True)
     keys = list(ckpt["state_dict"])
     assert keys and all("lora_" in k for k in keys), keys[:5]
     size_mb = first.last_checkpoint.stat().st_size / 2**20

@@ -21,7 +21,7 @@ just finished and ``SSSSSS`` the global step (the names sort by age; ``ModelChec
 uploads.
 
 :func:`find_resume_checkpoint` lists a style's checkpoints, downloads the newest and checks that it
-loads (``torch.load`` with ``weights_only=False``: the checkpoints are this service's own) and has
+loads (``torch.load`` with ``weights_only=True``: a file from the bucket cannot run code) and has
 ``state_dict`` and ``loops``; a corrupt or partial one is skipped with a warning and the next older
 one is tried. ``train(cfg, callbacks, ckpt_path=path)`` then resumes from it.
 
