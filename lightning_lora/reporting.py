@@ -33,6 +33,7 @@ worker can settle the message.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -291,7 +292,9 @@ def run_reported_training(
         result = train(cfg, callbacks=[*own, *callbacks], ckpt_path=resume_file)
         if result.lora is None:  # not global rank zero: rank zero uploads and reports
             return result
+        started = time.perf_counter()
         model_url, kohya_url = upload_final_lora(storage, style_id, result)
+        result.metrics["upload_seconds"] = time.perf_counter() - started
         report_completion(
             webhook, cfg, result, model_url, callbacks, extra={"kohya_url": kohya_url}
         )

@@ -4,7 +4,9 @@ the tiny model."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,7 +98,8 @@ def _wait_terminal(receiver, style_id: int, timeout: float = 240) -> object:
     return _terminal(receiver, style_id)[0]
 
 
-def test_a_job_end_to_end(stack, tiny_model: str, tmp_path: Path) -> None:
+def test_a_job_end_to_end(stack, tiny_model: str, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="lightning_lora.worker.app")
     receiver, storage, broker = stack["receiver"], stack["storage"], stack["broker"]
     worker = _worker(stack)
     consumer = Consumer(broker, worker.handle, on_poison=worker.on_poison, poll_interval=0.2)
@@ -119,6 +122,16 @@ def test_a_job_end_to_end(stack, tiny_model: str, tmp_path: Path) -> None:
         assert r.header("X-Request-Source") == "training-server"
         assert r.header("Content-Type") == "application/json"
     assert len(_terminal(receiver, 11)) == 1
+    phases = re.search(
+        r"timings: queue_wait_s=([\d.]+) download_s=([\d.]+) training_s=([\d.]+) "
+        r"upload_s=([\d.]+) upload_and_report_s=([\d.]+) total_s=([\d.]+)",
+        caplog.text,
+    )
+    assert phases, caplog.text[-2000:]
+    wait, download, training, upload, post, total = map(float, phases.groups())
+    assert wait >= 0
+    assert download > 0 and training > 0 and upload > 0 and post >= upload
+    assert total >= download + training
     assert depth(broker.dlq) == 0 and get(broker.queue) is None
     # the uploaded LoRA loads in diffusers and changes the UNet
     local = storage.download_file(

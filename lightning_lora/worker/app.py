@@ -161,6 +161,7 @@ class JobTimings:
     queue_wait_s: float | None = None
     download_s: float = 0.0
     training_s: float = 0.0
+    upload_s: float = 0.0
     upload_and_report_s: float = 0.0
     total_s: float = 0.0
 
@@ -306,6 +307,7 @@ class TrainingWorker:
             finally:
                 elapsed = time.monotonic() - t0
             timings.training_s = float(result.metrics.get("train_seconds", elapsed))
+            timings.upload_s = float(result.metrics.get("upload_seconds", 0.0))
             timings.upload_and_report_s = max(0.0, elapsed - timings.training_s)
             stats = sender.stats
             if stats.reliable_sent < stats.reliable_posted:
