@@ -286,67 +286,22 @@ def build_model_folder(dest: Path, tiny: bool, dtype: torch.dtype, device: str) 
     Returns:
         ``dest``, loadable with :func:`lightning_lora.models.load_components`.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from lightning_lora.models import _SD15_SCHEDULER
+    from lightning_lora.models import build_model_folder as build
 
     if (dest / "model_index.json").exists():
         return dest
     ref = load_reference()
-    tmp = Path(tempfile.mkdtemp(prefix=".bench-model-", dir=dest.parent))
     try:
-        with torch.random.fork_rng(devices=[]), torch.device(device):
-            torch.manual_seed(0)
-            tokenizer = _char_tokenizer(CLIPTokenizer, tmp / "tokenizer-files")
-            tokenizer.save_pretrained(tmp / "tokenizer")
-            text_config = CLIPTextConfig(
-                **(ref.TINY_CLIP if tiny else ref.CLIP),
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            parts = {
-                "text_encoder": CLIPTextModel(text_config),
-                "vae": AutoencoderKL(**(ref.TINY_VAE if tiny else ref.VAE)),
-                "unet": UNet2DConditionModel(**(ref.TINY_UNET if tiny else ref.UNET)),
-            }
-            for name, model in parts.items():
-                model.to(dtype).save_pretrained(tmp / name)
-                del model
-            parts.clear()
-        DDPMScheduler(**_SD15_SCHEDULER).save_pretrained(tmp / "scheduler")
-        index = {
-            "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": "0.30.0",
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        return build(
+            dest,
+            unet=ref.TINY_UNET if tiny else ref.UNET,
+            vae=ref.TINY_VAE if tiny else ref.VAE,
+            text_encoder=ref.TINY_CLIP if tiny else ref.CLIP,
+            dtype=dtype,
+            device=device,
+        )
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
         free_memory()
-    return dest
-
-
-def _char_tokenizer(cls: Any, scratch: Path) -> Any:
-    """The tiny model's character-level CLIP tokenizer (also where its constructor differs)."""
-    from lightning_lora.models import _char_vocab
-
-    try:
-        return cls(vocab=_char_vocab(), merges=[], model_max_length=77)
-    except Exception:  # another transformers version: go through vocab.json + merges.txt
-        scratch.mkdir(parents=True, exist_ok=True)
-        (scratch / "vocab.json").write_text(json.dumps(_char_vocab()), encoding="utf-8")
-        (scratch / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-        return cls.from_pretrained(scratch, model_max_length=77)
 
 
 def make_images(dest: Path, count: int, resolution: int) -> list[Path]:

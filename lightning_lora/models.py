@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -155,45 +156,70 @@ def _char_vocab() -> dict[str, int]:
     return {tok: i for i, tok in enumerate(tokens)}
 
 
-def build_tiny_model(dest: str | Path) -> Path:
-    """Build the tiny SD1.5-shaped model deterministically and save it as a pipeline folder.
+#: The tiny text encoder (the vocabulary size comes from the tokenizer).
+_TINY_CLIP = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+)
 
-    The UNet has SD1.5's block layout (three cross-attention down blocks, one plain; mirrored up
-    blocks) with few channels; the VAE downsamples by 8 with 4 latent channels; the text encoder is
-    a 2-layer CLIP; the tokenizer is a real ``CLIPTokenizer`` over a generated character
-    vocabulary; the scheduler is SD1.5's.
+
+def build_model_folder(
+    dest: str | Path,
+    unet: dict[str, Any],
+    vae: dict[str, Any],
+    text_encoder: dict[str, Any],
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Path:
+    """Build a random-weight SD1.5-shaped pipeline folder deterministically (seed 0).
+
+    The tokenizer is a real ``CLIPTokenizer`` over a generated character vocabulary; the
+    scheduler is SD1.5's. Used for the tiny test model and for the benchmark's full-size SD1.5
+    shapes.
 
     Args:
         dest: Folder to create. It is written atomically (built beside it, then renamed).
+        unet: ``UNet2DConditionModel`` config.
+        vae: ``AutoencoderKL`` config.
+        text_encoder: ``CLIPTextConfig`` fields (``vocab_size`` defaults to the tokenizer's).
+        dtype: Dtype the weights are saved in.
+        device: Where the random initialisation runs (a GPU initialises SD1.5 in seconds).
 
     Returns:
         The folder, loadable with :func:`load_components`.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".model-build-", dir=dest.parent))
     try:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(0)
             vocab = _char_vocab()
             tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
             tokenizer.save_pretrained(tmp / "tokenizer")
             text_config = CLIPTextConfig(
-                vocab_size=len(vocab),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
+                **{"vocab_size": len(vocab), **text_encoder},
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )
-            CLIPTextModel(text_config).save_pretrained(tmp / "text_encoder")
-            AutoencoderKL(**_TINY_VAE).save_pretrained(tmp / "vae")
-            UNet2DConditionModel(**_TINY_UNET).save_pretrained(tmp / "unet")
-            DDPMScheduler(**_SD15_SCHEDULER).save_pretrained(tmp / "scheduler")
+            # one part at a time, so a full-size build holds one model in memory
+            parts = {
+                "text_encoder": lambda: CLIPTextModel(text_config),
+                "vae": lambda: AutoencoderKL(**vae),
+                "unet": lambda: UNet2DConditionModel(**unet),
+            }
+            for name, make in parts.items():
+                model = make()
+                if dtype != torch.float32:
+                    model = model.to(dtype)
+                model.save_pretrained(tmp / name)
+                del model
+        DDPMScheduler(**_SD15_SCHEDULER).save_pretrained(tmp / "scheduler")
         (tmp / "model_index.json").write_text(
             json.dumps(
                 {
@@ -218,8 +244,24 @@ def build_tiny_model(dest: str | Path) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built tiny SD1.5-shaped model at %s", dest)
+    log.info("built a random-weight SD1.5-shaped model at %s", dest)
     return dest
+
+
+def build_tiny_model(dest: str | Path) -> Path:
+    """Build the tiny SD1.5-shaped model (the demo's, the tests' and CI's).
+
+    The UNet has SD1.5's block layout (three cross-attention down blocks, one plain; mirrored up
+    blocks) with few channels; the VAE downsamples by 8 with 4 latent channels; the text encoder is
+    a 2-layer CLIP.
+
+    Args:
+        dest: Folder to create.
+
+    Returns:
+        The folder, loadable with :func:`load_components`.
+    """
+    return build_model_folder(dest, _TINY_UNET, _TINY_VAE, _TINY_CLIP)
 
 
 def tiny_model_path(cache_dir: str | Path | None = None) -> str:
