@@ -54,7 +54,6 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -243,17 +242,6 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _versions() -> dict[str, str]:
-    found: dict[str, str] = {"python": platform.python_version()}
-    for name in ("torch", "diffusers", "peft", "transformers", "lightning", "hydra-core"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "unknown"
-    found["cuda"] = str(torch.version.cuda)
-    return found
 
 
 def dynamo_counts() -> dict[str, int]:
@@ -1001,6 +989,8 @@ def _reference_flops(bench: Bench, flops_device: str) -> float | None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark described by parsed CLI arguments and return the JSON document."""
+    from lightning_lora.train import package_versions
+
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     tiny = args.tiny or (device == "cpu" and not args.full)
     resolution = args.resolution or (512 if not tiny else 64)
@@ -1048,7 +1038,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "steps": bench.steps,
             "warmup": bench.warmup,
             "peak_tflops": peak,
-            "versions": _versions(),
+            "versions": package_versions(),
             "reference": str(ref_file),
             "reference_sha256": hashlib.sha256(ref_file.read_bytes()).hexdigest(),
             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,

@@ -196,29 +196,28 @@ class LoRAModule(L.LightningModule):
             self._noise_tables[key] = tables
         return tables
 
+    def _coefficients(
+        self, latents: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sqrt(alpha_bar_t)`` and ``sqrt(1 - alpha_bar_t)`` shaped to broadcast over latents."""
+        sqrt_alpha, sqrt_one_minus, _ = self.noise_tables(latents.device, latents.dtype)
+        timesteps = timesteps.to(latents.device)
+        shape = (-1,) + (1,) * (latents.ndim - 1)
+        return sqrt_alpha[timesteps].view(shape), sqrt_one_minus[timesteps].view(shape)
+
     def add_noise(
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
         """``noise_scheduler.add_noise`` (forward diffusion) from the device-side tables."""
-        sqrt_alpha, sqrt_one_minus, _ = self.noise_tables(latents.device, latents.dtype)
-        timesteps = timesteps.to(latents.device)
-        shape = (-1,) + (1,) * (latents.ndim - 1)
-        return (
-            sqrt_alpha[timesteps].view(shape) * latents
-            + sqrt_one_minus[timesteps].view(shape) * noise
-        )
+        sqrt_alpha, sqrt_one_minus = self._coefficients(latents, timesteps)
+        return sqrt_alpha * latents + sqrt_one_minus * noise
 
     def velocity(
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
         """``noise_scheduler.get_velocity`` (the v-prediction target) from the tables."""
-        sqrt_alpha, sqrt_one_minus, _ = self.noise_tables(latents.device, latents.dtype)
-        timesteps = timesteps.to(latents.device)
-        shape = (-1,) + (1,) * (latents.ndim - 1)
-        return (
-            sqrt_alpha[timesteps].view(shape) * noise
-            - sqrt_one_minus[timesteps].view(shape) * latents
-        )
+        sqrt_alpha, sqrt_one_minus = self._coefficients(latents, timesteps)
+        return sqrt_alpha * noise - sqrt_one_minus * latents
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         """``diffusers.training_utils.compute_snr`` (float32) from the tables."""

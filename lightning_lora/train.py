@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -112,7 +113,8 @@ def _instantiate_dict(node: DictConfig | None, kind: str) -> list[Any]:
     return out
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Python, CUDA and the versions of the packages a run depends on (for provenance)."""
     names = [
         "lightning_lora",
         "torch",
@@ -122,13 +124,12 @@ def _versions() -> dict[str, str]:
         "lightning",
         "hydra-core",
     ]
-    found = {}
+    found = {"python": platform.python_version(), "cuda": str(torch.version.cuda)}
     for name in names:
         try:
             found[name] = version(name)
         except PackageNotFoundError:
             found[name] = "unknown"
-    found["python_torch_cuda"] = str(torch.version.cuda)
     return found
 
 
@@ -150,7 +151,7 @@ def _git_commit() -> str | None:
 def _write_run_info(cfg: DictConfig, output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    info = {"versions": _versions(), "git_commit": _git_commit()}
+    info = {"versions": package_versions(), "git_commit": _git_commit()}
     (output_dir / "run_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 

@@ -140,6 +140,7 @@ def _table_holder(prediction_type: str) -> types.SimpleNamespace:
     sched = DDPMScheduler(**{**_SD15_SCHEDULER, "prediction_type": prediction_type})
     holder = types.SimpleNamespace(noise_scheduler=sched, _noise_tables={})
     holder.noise_tables = types.MethodType(LoRAModule.noise_tables, holder)
+    holder._coefficients = types.MethodType(LoRAModule._coefficients, holder)
     return holder
 
 

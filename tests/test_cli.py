@@ -42,6 +42,8 @@ def test_single_run_with_overrides(tmp_path: Path, ll_cache: Path, demo_images: 
     saved = (run_dir / "config.yaml").read_text(encoding="utf-8")
     assert "rank: 2" in saved and "alpha: 3" in saved  # the resolved config is saved
     assert json.loads((run_dir / "summary.json").read_text())["metrics"]["val/loss"] > 0
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["versions"]["torch"] != "unknown" and info["versions"]["python"]
 
 
 def test_multirun_gives_one_folder_per_run(
