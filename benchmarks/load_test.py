@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from lightning_lora.worker.consumer import BrokerSettings, publish_job  # noqa: E402
+from lightning_lora.worker.broker import BrokerSettings, publish_job  # noqa: E402
 from tests.support.broker import channel, depth  # noqa: E402
 from tests.support.receiver import WebhookReceiver  # noqa: E402
 from tests.support.s3 import fake_aws_env, start_moto_server  # noqa: E402
@@ -51,8 +51,8 @@ TRAIN_OVERRIDES = (
     "trainer.max_epochs=1",
     "trainer.enable_progress_bar=false",
     "module.gradient_checkpointing=false",
-    "callbacks.webhook.interval_s=5",
-    "callbacks.s3_checkpoint.every_n_epochs=0",
+    "reporting.webhook.interval_s=5",
+    "reporting.s3_checkpoint.every_n_epochs=0",
 )
 
 

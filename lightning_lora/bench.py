@@ -830,6 +830,37 @@ class _LocalStorage:
             count += 1
         return count
 
+    # single process: the conditional writes of the worker's ledger need no locking here
+    def get_json(self, key: str) -> tuple[dict[str, Any], str] | None:
+        path = self.root / key
+        if not path.is_file():
+            return None
+        raw = path.read_bytes()
+        return json.loads(raw), hashlib.md5(raw).hexdigest()
+
+    def put_json(
+        self, key: str, record: Any, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        from lightning_lora.errors import PreconditionFailedError
+
+        current = self.get_json(key)
+        if (if_none_match and current is not None) or (
+            if_match is not None and (current is None or current[1] != if_match)
+        ):
+            raise PreconditionFailedError(f"{key} was written by someone else")
+        raw = json.dumps(dict(record), sort_keys=True).encode()
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(raw)
+        return hashlib.md5(raw).hexdigest()
+
+    def delete_key(self, key: str, *, if_match: str | None = None) -> bool:
+        current = self.get_json(key)
+        if if_match is not None and current is not None and current[1] != if_match:
+            return False
+        (self.root / key).unlink(missing_ok=True)
+        return True
+
 
 class _WebhookReceiver:
     """A local HTTP server that answers 200 and records when each webhook arrived."""
@@ -906,8 +937,10 @@ def run_e2e(bench: Bench, epochs: int = 10, images: int = 8) -> dict[str, Any]:
         import threading
         import types
 
-        from lightning_lora.worker.app import TrainingWorker, WorkerSettings
-        from lightning_lora.worker.consumer import Delivery, Outcome
+        from lightning_lora.worker.app import TrainingWorker, split_config
+        from lightning_lora.worker.cli import compose_worker_config
+        from lightning_lora.worker.consumer import Delivery
+        from lightning_lora.worker.settings import load_settings
     except Exception as exc:  # the worker (or pika/pydantic) is optional here
         return {"skipped": f"the worker is not importable: {exc!r}"}
     root = bench.workdir / "e2e"
@@ -919,19 +952,26 @@ def run_e2e(bench: Bench, epochs: int = 10, images: int = 8) -> dict[str, Any]:
     app_log = logging.getLogger("lightning_lora.worker.app")
     app_log.addHandler(timings)
     try:
-        settings = WorkerSettings(
-            train_overrides=[
-                "callbacks=production",
-                "model=tiny",
-                f"trainer={'gpu' if bench.cuda else 'cpu'}",
-                "trainer.enable_progress_bar=false",
-                "data.batch_size=4",
-            ],
-            webhook_allowlist=[receiver.base_url],
-            work_dir=str(root / "jobs"),
-            resume_from_s3=False,
+        train_cfg, section = split_config(
+            compose_worker_config(
+                [
+                    "model=tiny",
+                    f"trainer={'gpu' if bench.cuda else 'cpu'}",
+                    "trainer.enable_progress_bar=false",
+                    "data.batch_size=4",
+                ]
+            )
         )
-        worker = TrainingWorker(settings, storage=storage)
+        settings = load_settings(
+            {
+                **section,
+                "webhook_allowlist": [receiver.base_url],
+                "work_dir": str(root / "jobs"),
+                "resume_from_s3": False,
+            },
+            env={"INTERNAL_API_TOKEN": "bench-token", "S3_BUCKET": "bench-bucket"},
+        )
+        worker = TrainingWorker(train_cfg, settings, storage=storage)
         message = {
             "style_id": 4242,
             "image_urls": sorted(storage.images),
@@ -961,7 +1001,7 @@ def run_e2e(bench: Bench, epochs: int = 10, images: int = 8) -> dict[str, Any]:
         known = sum(phases.get(k, 0.0) for k in ("download_s", "training_s", "upload_and_report_s"))
         phases["setup_and_config_s"] = max(0.0, phases.get("total_s", total) - known)
     return {
-        "outcome": outcome.name if isinstance(outcome, Outcome) else str(outcome),
+        "outcome": outcome.outcome.name if hasattr(outcome, "outcome") else str(outcome),
         "device": bench.device,
         "images": images,
         "epochs": epochs,

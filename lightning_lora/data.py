@@ -16,10 +16,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_lora.errors import DatasetError, InvalidImageError
+from lightning_lora.images import IMAGE_EXTENSIONS  # re-exported: the extensions listed
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 #: Pillow's own bomb guard stays on; this is our (lower or equal) limit, checked before decoding.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 #: A batch of latent-distribution parameters and text embeddings (cached path) or of pixels and
@@ -107,6 +107,55 @@ def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Im
         InvalidImageError: Naming the file, when it is empty, not an image, truncated or corrupt,
             of an unsupported format, or larger than ``max_pixels``.
     """
+    return _decode(path, max_pixels)
+
+
+def load_training_image(
+    path: Path, resolution: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> Image.Image:
+    """Open an image like :func:`load_rgb` and keep only its training-size copy.
+
+    The image is decoded, EXIF-transposed, converted to RGB and resized (shorter side to
+    ``resolution``, :func:`training_size`, BICUBIC) in one call, and the full-size decode is
+    released before this returns, so memory grows with ``resolution``, not with the upload.
+    :func:`preprocess` of the result equals :func:`preprocess` of :func:`load_rgb`'s image
+    bit for bit (the same resize, done earlier; ``preprocess`` then has nothing to resize).
+
+    Args:
+        path: The image file.
+        resolution: Training resolution in pixels.
+        max_pixels: Largest accepted width x height.
+
+    Returns:
+        An RGB image whose shorter side is ``resolution``.
+
+    Raises:
+        InvalidImageError: As :func:`load_rgb`.
+    """
+    return _decode(path, max_pixels, resolution)
+
+
+def training_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """Return the size :func:`preprocess` resizes a ``width`` x ``height`` image to.
+
+    Args:
+        width: Image width.
+        height: Image height.
+        resolution: Training resolution: the shorter side after resizing.
+
+    Returns:
+        ``(new_width, new_height)``, each at least ``resolution``.
+    """
+    scale = resolution / min(width, height)
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
+def _decode(path: Path, max_pixels: int, resolution: int | None = None) -> Image.Image:
+    """Check, decode, transpose and convert an image; resize it when ``resolution`` is given.
+
+    Only one full-size copy of the pixels exists at a time when the file is RGB already (two
+    while converting other modes); the file's own image is closed before returning.
+    """
     try:
         if path.stat().st_size == 0:
             raise InvalidImageError(f"image {path} is empty (0 bytes)")
@@ -125,8 +174,11 @@ def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Im
             probe.verify()
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            ImageOps.exif_transpose(img, in_place=True)
+            if resolution is None:
+                return _to_rgb(img)  # always a new image: ``img`` is unusable once closed
+            rgb = img if img.mode == "RGB" else _to_rgb(img)
+            return rgb.resize(training_size(*rgb.size, resolution), Image.Resampling.BICUBIC)
     except InvalidImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -138,7 +190,7 @@ def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Im
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any mode to RGB; transparent pixels are composited on white."""
+    """Convert any mode to RGB (always a new image); transparent pixels are put on white."""
     if img.mode in {"I;16", "I;16B", "I;16L", "I"}:
         img = img.point(lambda v: v * (1 / 256)).convert("L")
     if img.mode == "P" and "transparency" in img.info:
@@ -169,10 +221,9 @@ def preprocess(
     Returns:
         A ``(3, resolution, resolution)`` float tensor in [-1, 1].
     """
-    width, height = img.size
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    new_w, new_h = training_size(*img.size, resolution)
+    if img.size != (new_w, new_h):  # images from load_training_image are at this size already
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     if random_crop:
         rng = rng or random
         left, top = rng.randint(0, new_w - resolution), rng.randint(0, new_h - resolution)
@@ -199,6 +250,10 @@ class StyleImageDataset(Dataset):
     ) -> None:
         """Decode and check every image once, so a bad file fails before training.
 
+        Images are decoded one at a time and only their training-size copies are kept
+        (:func:`load_training_image`), so memory grows with ``resolution`` and the number of
+        images, not with the uploads' pixel counts.
+
         Args:
             items: The examples.
             resolution: Output side length.
@@ -210,7 +265,10 @@ class StyleImageDataset(Dataset):
         self.resolution = resolution
         self.random_crop = random_crop
         self.random_flip = random_flip
-        self.images = [load_rgb(item.path, max_pixels) for item in self.items]
+        #: The RGB images resized so the shorter side is ``resolution`` (not full size).
+        self.images = [
+            load_training_image(item.path, resolution, max_pixels) for item in self.items
+        ]
 
     def __len__(self) -> int:
         return len(self.items)

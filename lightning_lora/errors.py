@@ -83,3 +83,18 @@ class JobCrashedError(LightningLoraError):
     """A job reached the redelivery limit (it crashed or stalled workers repeatedly)."""
 
     error_code = "REDELIVERY_LIMIT"
+
+
+class StorageUnavailableError(LightningLoraError):
+    """S3 stayed unreachable (or kept answering 5xx) for the whole retry budget.
+
+    Not the job's fault: the worker requeues the job instead of failing it.
+    """
+
+    error_code = "STORAGE_UNAVAILABLE"
+
+
+class PreconditionFailedError(LightningLoraError):
+    """A conditional S3 write lost its race (``If-None-Match``/``If-Match`` answered 412)."""
+
+    error_code = "TRAINING_FAILED"

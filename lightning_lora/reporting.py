@@ -2,36 +2,36 @@
 
 :func:`run_reported_training` is what the queue worker calls for a job::
 
-    sender = build_sender(job.webhook_url, cfg)
-    try:
-        result = run_reported_training(cfg, job.style_id, sender, S3Storage())
-    finally:
-        sender.close()
+    report = JobReport(build_sender(job.webhook_url, cfg), job.style_id, terminal=sink)
+    result = run_reported_training(cfg, report, S3Storage(), run_id=run_id)
 
 It
 
-1. builds a :class:`~lightning_lora.callbacks.webhook.WebhookCallback` (progress, and failure on
-   ``on_exception``) and an :class:`~lightning_lora.callbacks.s3_checkpoint.S3CheckpointCallback`
-   from the settings in ``cfg.callbacks.webhook`` and ``cfg.callbacks.s3_checkpoint`` (the
-   ``callbacks=production`` preset; defaults apply when they are absent);
-2. resumes from the style's newest usable checkpoint in S3 when there is one
+1. builds the :class:`~lightning_lora.callbacks.webhook.WebhookCallback` (progress, and failure
+   on ``on_exception``) and the
+   :class:`~lightning_lora.callbacks.s3_checkpoint.S3CheckpointCallback` from the partial
+   targets of the ``reporting`` config group (``cfg.reporting.webhook`` and
+   ``cfg.reporting.s3_checkpoint``);
+2. resumes from the run's newest usable checkpoint in S3 when there is one
    (:func:`~lightning_lora.callbacks.s3_checkpoint.find_resume_checkpoint`);
-3. runs :func:`lightning_lora.train.train`;
+3. runs :func:`lightning_lora.train.train`, unless ``finished`` already holds this run's
+   exported LoRA (a job requeued after the upload could not reach S3 keeps it);
 4. uploads the diffusers LoRA to ``models/style_{id}/lora_weights.safetensors`` and the kohya
-   file to ``models/style_{id}/lora_kohya.safetensors`` (:func:`upload_final_lora`; a failure is
-   fatal: :class:`~lightning_lora.errors.UploadError`, code ``UPLOAD_FAILED``);
-5. posts the completion webhook with the ``s3://`` URL of the diffusers file and metadata taken
-   from the run's config and counters (:func:`completion_metadata`);
-6. flushes the sender (bounded).
+   file to ``models/style_{id}/lora_kohya.safetensors`` (:func:`upload_final_lora`);
+5. reports the completion through the job's :class:`~lightning_lora.job_report.JobReport`
+   with metadata from the run's config and counters (:func:`completion_metadata`).
 
-Exactly one terminal webhook is sent per call: the completion on success, or one failure for an
-exception anywhere (in ``fit``, reported by the callback's ``on_exception``; before or after
-``fit``, e.g. an export or upload error, reported here). The exception is then re-raised so the
-worker can settle the message.
+The job's report enforces exactly one terminal report: the completion on success, or one failure
+for an exception anywhere (in ``fit``, reported by the callback's ``on_exception``; before or
+after ``fit``, e.g. an upload error, reported here). The exception is then re-raised so the
+worker can settle the message. A :class:`~lightning_lora.errors.StorageUnavailableError` (S3
+down for the whole retry budget) and a :class:`~lightning_lora.errors.JobInterrupted` are not
+failures: nothing is reported and the worker requeues the job.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,15 +39,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_lora
 from lightning_lora.callbacks.s3_checkpoint import S3CheckpointCallback, find_resume_checkpoint
 from lightning_lora.callbacks.vram import VramCallback
 from lightning_lora.callbacks.webhook import WebhookCallback
-from lightning_lora.clients.storage import S3Storage, kohya_key, model_key
+from lightning_lora.clients.storage import S3Storage
 from lightning_lora.clients.webhook_client import WebhookClient, WebhookSender
-from lightning_lora.errors import UploadError
+from lightning_lora.errors import JobInterrupted, StorageUnavailableError, UploadError
+from lightning_lora.export import LoraFiles
+from lightning_lora.job_report import JobReport
+from lightning_lora.layout import kohya_key, model_key
 from lightning_lora.train import TrainResult, train
 
 __all__ = [
@@ -60,41 +64,28 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CLIENT_SETTINGS = ("timeout_s", "max_attempts", "max_total_s", "backoff_base_s", "backoff_max_s")
-_S3_CALLBACK_SETTINGS = ("dirpath", "every_n_epochs", "keep_last", "final_wait_s")
 
-
-def _settings(cfg: DictConfig | Mapping[str, Any] | None, name: str) -> dict[str, Any]:
-    """The settings-only entry ``cfg.callbacks.<name>`` as a plain dict (empty if absent)."""
-    if cfg is None:
-        return {}
-    if isinstance(cfg, DictConfig):
-        node = OmegaConf.select(cfg, f"callbacks.{name}", default=None)
-        if node is None:
-            return {}
-        return dict(OmegaConf.to_container(node, resolve=True))  # type: ignore[arg-type]
-    return dict(cfg.get("callbacks", {}).get(name) or {})
+def _partial(cfg: DictConfig | None, name: str, default: Any) -> Any:
+    """The partial target ``cfg.reporting.<name>``, or ``default`` without a config."""
+    node = None if cfg is None else OmegaConf.select(cfg, f"reporting.{name}", default=None)
+    return default if node is None else instantiate(node)
 
 
 def build_sender(
-    webhook_url: str,
-    cfg: DictConfig | Mapping[str, Any] | None = None,
-    token: str | None = None,
+    webhook_url: str, cfg: DictConfig | None = None, token: str | None = None
 ) -> WebhookSender:
-    """A :class:`WebhookSender` for a job's ``webhook_url`` with the configured client settings.
+    """A started :class:`WebhookSender` for a job's ``webhook_url``, from ``cfg.reporting.client``.
 
     Args:
         webhook_url: The backend base URL from the job (already allow-listed by the worker).
-        cfg: The training config; ``cfg.callbacks.webhook`` may set ``timeout_s``,
-            ``max_attempts``, ``max_total_s``, ``backoff_base_s`` and ``backoff_max_s``.
+        cfg: The training config (client timeouts, attempts and budget); defaults without it.
         token: Bearer token; ``INTERNAL_API_TOKEN`` is read at each call when ``None``.
 
     Returns:
         A started sender; the caller closes it.
     """
-    settings = _settings(cfg, "webhook")
-    options = {k: settings[k] for k in _CLIENT_SETTINGS if settings.get(k) is not None}
-    return WebhookSender(WebhookClient(webhook_url, token=token, **options))
+    client_factory = _partial(cfg, "client", WebhookClient)
+    return WebhookSender(client_factory(webhook_url, token=token))
 
 
 def upload_final_lora(storage: S3Storage, style_id: int, result: TrainResult) -> tuple[str, str]:
@@ -230,55 +221,94 @@ def report_completion(
     return queued
 
 
+FINISHED_MARKER = "finished.json"
+"""Written beside an exported LoRA once training ended; a requeued job then skips training."""
+
+
+def _finished_lora(run_dir: Path) -> tuple[LoraFiles, dict[str, Any]] | None:
+    """The exported LoRA and summary of a run that already finished training, if any."""
+    marker = run_dir / FINISHED_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        saved = json.loads(marker.read_text(encoding="utf-8"))
+        files = LoraFiles(Path(saved["folder"]), Path(saved["diffusers"]), Path(saved["kohya"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (files.diffusers.is_file() and files.kohya.is_file()):
+        return None
+    return files, saved
+
+
+def _train_or_reuse(
+    cfg: DictConfig, callbacks: list[L.Callback], resume_file: Path | None
+) -> TrainResult:
+    run_dir = Path(cfg.paths.output_dir)
+    reused = _finished_lora(run_dir)
+    if reused is not None:
+        files, saved = reused
+        log.info("run in %s already trained: uploading its LoRA without training again", run_dir)
+        return TrainResult(
+            output_dir=run_dir,
+            lora=files,
+            metrics=dict(saved.get("metrics") or {}),
+            metadata=dict(saved.get("metadata") or {}),
+        )
+    result = train(cfg, callbacks=callbacks, ckpt_path=resume_file)
+    if result.lora is not None:
+        marker = {
+            "folder": str(result.lora.folder),
+            "diffusers": str(result.lora.diffusers),
+            "kohya": str(result.lora.kohya),
+            "metrics": result.metrics,
+            "metadata": result.metadata,
+        }
+        (run_dir / FINISHED_MARKER).write_text(json.dumps(marker, default=str), encoding="utf-8")
+    return result
+
+
 def run_reported_training(
     cfg: DictConfig,
-    style_id: int,
-    sender: WebhookSender,
+    report: JobReport,
     storage: S3Storage,
     *,
     callbacks: Sequence[L.Callback] = (),
     resume: bool = True,
     work_dir: str | Path | None = None,
-    flush_timeout_s: float | None = None,
     run_id: str | None = None,
 ) -> TrainResult:
     """Train, upload the LoRA and report completion, or report the failure and re-raise.
 
     Args:
         cfg: The composed training config (``paths.output_dir`` set).
-        style_id: The style being trained.
-        sender: Sends the webhooks; the caller owns (and closes) it. It is flushed at the end.
+        report: The job's report (progress sender and the one terminal report).
         storage: The bucket for checkpoints and the final LoRA.
         callbacks: More callbacks for the trainer. If one is an :class:`S3CheckpointCallback`,
-            it replaces the one built from ``cfg.callbacks.s3_checkpoint``.
-        resume: Resume from the style's newest usable checkpoint in S3, if any.
+            it replaces the one built from ``cfg.reporting.s3_checkpoint``.
+        resume: Resume from the run's newest usable checkpoint in S3, if any.
         work_dir: Job-local folder for the downloaded resume checkpoint; defaults to
             ``{paths.output_dir}/resume``.
-        flush_timeout_s: Most seconds to wait for the webhooks at the end; defaults to the
-            client's ``max_total_s`` plus 30 s.
-        run_id: The job's identity: checkpoints are written to and resumed from
+        run_id: The job's run: checkpoints are written to and resumed from
             ``checkpoints/style_{id}/{run_id}/`` only (a new job never resumes an old one).
 
     Returns:
         The run's result (``result.metrics``/``metadata`` as from ``train``).
 
     Raises:
-        BaseException: Whatever made the job fail, after exactly one failure webhook was
-            queued (e.g. ``InvalidImageError`` -> ``INVALID_IMAGE``, ``UploadError`` ->
-            ``UPLOAD_FAILED``, anything else -> ``TRAINING_FAILED``).
+        BaseException: Whatever made the job fail, after exactly one failure was reported
+            (e.g. ``InvalidImageError`` -> ``INVALID_IMAGE``, ``UploadError`` ->
+            ``UPLOAD_FAILED``, anything else -> ``TRAINING_FAILED``); or, reporting nothing,
+            ``StorageUnavailableError`` and ``JobInterrupted`` (the worker requeues those).
     """
-    webhook_settings = _settings(cfg, "webhook")
-    webhook = WebhookCallback(
-        sender, style_id, interval_s=float(webhook_settings.get("interval_s", 30.0))
-    )
+    style_id = report.style_id
+    webhook = _partial(cfg, "webhook", WebhookCallback)(report)
     resume_file: Path | None = None
     try:
         own: list[L.Callback] = [webhook]
         if not any(isinstance(c, S3CheckpointCallback) for c in callbacks):
-            s3_settings = _settings(cfg, "s3_checkpoint")
-            options = {k: s3_settings[k] for k in _S3_CALLBACK_SETTINGS if k in s3_settings}
-            own.append(S3CheckpointCallback(storage, style_id, run_id=run_id, **options))
-        if resume:
+            factory = _partial(cfg, "s3_checkpoint", S3CheckpointCallback)
+            own.append(factory(storage, style_id, run_id=run_id))
+        if resume and _finished_lora(Path(cfg.paths.output_dir)) is None:
             folder = (
                 Path(work_dir) if work_dir is not None else Path(cfg.paths.output_dir) / "resume"
             )
@@ -289,7 +319,7 @@ def run_reported_training(
                 expect_lora={"rank": cfg.lora.rank, "alpha": cfg.lora.alpha},
                 run_id=run_id,
             )
-        result = train(cfg, callbacks=[*own, *callbacks], ckpt_path=resume_file)
+        result = _train_or_reuse(cfg, [*own, *callbacks], resume_file)
         if result.lora is None:  # not global rank zero: rank zero uploads and reports
             return result
         started = time.perf_counter()
@@ -299,14 +329,13 @@ def run_reported_training(
             webhook, cfg, result, model_url, callbacks, extra={"kohya_url": kohya_url}
         )
         return result
+    except (StorageUnavailableError, JobInterrupted):
+        raise  # not the job's fault: requeued by the worker, nothing reported
     except BaseException as exc:
+        if isinstance(exc, Exception) and isinstance(exc.__cause__, StorageUnavailableError):
+            raise exc.__cause__ from None
         webhook.report_failure(exc)  # no-op if on_exception already reported it
         raise
     finally:
         if resume_file is not None:
             resume_file.unlink(missing_ok=True)
-        timeout = flush_timeout_s
-        if timeout is None:
-            timeout = sender.client.max_total_s + 30.0
-        if not sender.flush(timeout):
-            log.error("webhooks of style %s not all delivered within %.0fs", style_id, timeout)

@@ -189,10 +189,10 @@ def production_run(
             "trainer.max_epochs=6",
             "lora.rank=4",
             "lora.alpha=8",
-            f"callbacks.webhook.interval_s={interval_s}",
-            "callbacks.webhook.timeout_s=5",
-            "callbacks.s3_checkpoint.every_n_epochs=1",
-            "callbacks.s3_checkpoint.keep_last=2",
+            f"reporting.webhook.interval_s={interval_s}",
+            "reporting.client.timeout_s=5",
+            "reporting.s3_checkpoint.every_n_epochs=1",
+            "reporting.s3_checkpoint.keep_last=2",
             "callbacks.vram.every_n_steps=1",
         ],
         output_dir=tmp_path_factory.mktemp("production") / "run",
@@ -204,7 +204,7 @@ def production_run(
         for name, value in fake_aws_env(moto_s3.endpoint_url, moto_s3.create_bucket()).items():
             mp.setenv(name, value)
         mp.delenv("INTERNAL_API_TOKEN", raising=False)
-        storage = S3Storage(max_attempts=2, connect_timeout_s=2, read_timeout_s=10)
+        storage = S3Storage(retry_budget_s=2, connect_timeout_s=2, read_timeout_s=10)
         probe = Probe(storage)
         root.addHandler(logs)
         root.setLevel(logging.DEBUG)
@@ -403,7 +403,7 @@ def test_final_upload_failure_is_upload_failed_and_checkpoint_failures_only_warn
     s3_env: S3Storage,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    missing = S3Storage(bucket=f"missing-{uuid.uuid4().hex[:12]}", max_attempts=1)
+    missing = S3Storage(bucket=f"missing-{uuid.uuid4().hex[:12]}", retry_budget_s=0)
     cfg = make_cfg(*FAST, "trainer.max_epochs=2", *NO_LOGGER)
     checkpoints = S3CheckpointCallback(missing, STYLE_ID, every_n_epochs=1)
     caplog.set_level(logging.WARNING, logger="lightning_lora")

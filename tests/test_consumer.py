@@ -14,15 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from lightning_lora.worker.consumer import (
+from lightning_lora.worker.broker import (
     BrokerSettings,
-    Consumer,
-    Delivery,
-    Outcome,
     TopologyError,
     declare_topology,
     publish_job,
 )
+from lightning_lora.worker.consumer import Consumer, Delivery, Outcome, Settlement
 from tests.support.broker import HOST, JOB, channel, depth, get, running, wait_for
 
 
@@ -59,13 +57,20 @@ def test_heartbeats_survive_a_long_handler(settings: BrokerSettings) -> None:
 
 
 def test_reject_dead_letters(settings: BrokerSettings) -> None:
-    consumer = Consumer(settings, lambda delivery: Outcome.REJECT, poll_interval=0.2)
+    handler = lambda delivery: Settlement(Outcome.REJECT, "field 'x' is bad", "INVALID_MESSAGE")  # noqa: E731
+    consumer = Consumer(settings, handler, poll_interval=0.2)
     with running(consumer):
-        publish_job(settings, b'{"broken": true}')
+        publish_job(settings, b'{"broken": true}', message_id="m-1")
         assert wait_for(lambda: depth(settings.dlq) == 1, 10)
     assert depth(settings.queue) == 0
     fetched = get(settings.dlq)
     assert fetched is not None and fetched[1] == b'{"broken": true}'
+    properties = fetched[0]
+    # worker-side dead-lettering keeps the message and says why
+    assert properties.message_id == "m-1" and properties.delivery_mode == 2
+    assert properties.headers["x-lightning-lora-reason"] == "field 'x' is bad"
+    assert properties.headers["x-lightning-lora-error-code"] == "INVALID_MESSAGE"
+    assert properties.headers["x-original-queue"] == settings.queue
 
 
 def test_failing_handler_is_retried_then_poisoned(settings: BrokerSettings) -> None:
@@ -92,6 +97,7 @@ def test_failing_handler_is_retried_then_poisoned(settings: BrokerSettings) -> N
 
 
 def test_graceful_stop_requeues_an_unfinished_job(settings: BrokerSettings) -> None:
+    settings = settings.replace(queue_type="quorum")  # for x-delivery-count below
     started = threading.Event()
     release = threading.Event()
     saw_stop: list[bool] = []
@@ -178,6 +184,7 @@ def test_reconnects_after_the_broker_closes_the_connection(settings: BrokerSetti
 
 
 def test_topology_mismatch_is_reported(settings: BrokerSettings) -> None:
+    settings = settings.replace(queue_type="quorum")  # the opt-in type, against a plain queue
     with channel() as ch:
         ch.queue_declare(settings.queue, durable=True)  # a classic queue without arguments
     consumer = Consumer(settings, lambda d: Outcome.ACK)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
+import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,11 +16,17 @@ from PIL import Image
 
 from lightning_lora.data import (
     StyleDataModule,
+    StyleImage,
+    StyleImageDataset,
     find_style_images,
     load_rgb,
+    load_training_image,
     preprocess,
 )
 from lightning_lora.errors import DatasetError, InvalidImageError
+from tests.support.images import write_solid_png
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _png(path: Path, size=(80, 60), color=(200, 30, 30), mode="RGB") -> Path:
@@ -159,3 +170,114 @@ def test_cache_holds_both_orientations_when_flipping(tmp_path: Path) -> None:
     torch.testing.assert_close(dm.cache.flipped_latent_params, dm.cache.latent_params.flip(-1))
     seen = {bool(dm.cache[0]["latent_params"][0, 0, 0] > 0) for _ in range(40)}
     assert seen == {True, False}  # both orientations are served
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _noise_image(size: tuple[int, int], seed: int, mode: str = "RGB") -> Image.Image:
+    rng = random.Random(seed)
+    channels = len(mode)
+    return Image.frombytes(mode, size, rng.randbytes(size[0] * size[1] * channels))
+
+
+@pytest.mark.parametrize("size", [(333, 517), (1000, 64), (64, 64), (517, 333), (40, 30)])
+@pytest.mark.parametrize("resolution", [64, 120])
+def test_training_size_copy_preprocesses_bit_identically(
+    tmp_path: Path, size: tuple[int, int], resolution: int
+) -> None:
+    path = tmp_path / "noise.png"
+    _noise_image(size, seed=size[0] * size[1]).save(path)
+    full = load_rgb(path)
+    kept = load_training_image(path, resolution)
+    assert kept.mode == "RGB" and min(kept.size) == resolution
+    assert max(kept.size) < max(full.size) or min(full.size) <= resolution
+    for flip in (False, True):
+        expected = preprocess(full, resolution, flip=flip)
+        assert torch.equal(preprocess(kept, resolution, flip=flip), expected)
+    for seed in (0, 1, 2):
+        expected = preprocess(full, resolution, True, True, random.Random(seed))
+        assert torch.equal(preprocess(kept, resolution, True, True, random.Random(seed)), expected)
+    dataset = StyleImageDataset([StyleImage(path, "c")], resolution)
+    assert dataset.images[0].size == kept.size
+    assert torch.equal(dataset.pixels(0, flip=True), preprocess(full, resolution, flip=True))
+
+
+@pytest.mark.parametrize("kind", ["exif_jpeg", "rgba_png", "palette_png", "gray16_png"])
+def test_training_size_copy_matches_for_rotated_and_non_rgb_images(
+    tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / "img.png"
+    if kind == "exif_jpeg":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate on display: the kept copy must be the transposed one
+        path = path.with_suffix(".jpg")
+        _noise_image((300, 140), seed=3).save(path, exif=exif, quality=90)
+    elif kind == "rgba_png":
+        _noise_image((211, 97), seed=4, mode="RGBA").save(path)
+    elif kind == "palette_png":
+        _noise_image((150, 250), seed=5).quantize(64).save(path)
+    else:
+        Image.frombytes("I;16", (90, 130), random.Random(6).randbytes(90 * 130 * 2)).save(path)
+    full = load_rgb(path)
+    kept = load_training_image(path, 64)
+    assert min(kept.size) == 64
+    if kind == "exif_jpeg":
+        assert full.size == (140, 300) and kept.size == (64, 137)
+    for flip in (False, True):
+        assert torch.equal(preprocess(kept, 64, flip=flip), preprocess(full, 64, flip=flip))
+
+
+def test_load_training_image_keeps_the_safety_checks(tmp_path: Path) -> None:
+    path = _png(tmp_path / "strip.png", size=(20000, 100))
+    with pytest.raises(InvalidImageError, match=r"strip\.png.*20000x100.*limit"):
+        load_training_image(path, 64, max_pixels=1_000_000)
+    gif = tmp_path / "anim.png"
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    with pytest.raises(InvalidImageError, match=r"anim\.png.*GIF"):
+        load_training_image(gif, 64)
+    cut = tmp_path / "cut.png"
+    buf = io.BytesIO()
+    _noise_image((256, 256), seed=1).save(buf, format="PNG")
+    cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(InvalidImageError, match=r"cut\.png.*(truncated|corrupt)"):
+        load_training_image(cut, 64)
+
+
+#: Builds the data module on a folder in a fresh interpreter and prints its peak RSS growth.
+_PEAK_RSS_SCRIPT = """
+import json, resource, sys
+import psutil
+from lightning_lora.data import StyleDataModule
+baseline = psutil.Process().memory_info().rss
+dm = StyleDataModule(sys.argv[1], resolution=int(sys.argv[2]))
+dm.setup("fit")
+unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, else kB
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+sizes = [im.size for im in dm.images.images]
+print(json.dumps({"delta_mb": (peak - baseline) / 2**20, "sizes": sizes}))
+"""
+
+
+def test_setup_memory_grows_with_resolution_not_upload_size(tmp_path: Path) -> None:
+    # 3 PNGs of 6000x6000 (about 110 kB each): Pillow holds RGB as 4 bytes a pixel, 137 MiB an
+    # image decoded. Keeping the decodes (or copies of them) costs > 400 MiB; keeping only the
+    # 512 px copies costs one decode at a time.
+    side, resolution = 6000, 512
+    folder = tmp_path / "big"
+    folder.mkdir()
+    write_solid_png(folder / "0.png", side, side)
+    for i in (1, 2):
+        shutil.copy(folder / "0.png", folder / f"{i}.png")
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_SCRIPT, str(folder), str(resolution)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["delta_mb"] < 350, result  # the old code: about 690 MiB; now about 150
+    assert result["sizes"] == [[resolution, resolution]] * 3

@@ -24,15 +24,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 from PIL import Image
 
-from lightning_lora.clients.storage import S3Storage, checkpoint_prefix
+from lightning_lora.clients.storage import S3Storage
 from lightning_lora.clients.webhook_client import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
 from lightning_lora.data import StyleDataModule, load_rgb, preprocess
 from lightning_lora.errors import InvalidImageError
-from lightning_lora.worker.app import COMPLETED_MARKER, TrainingWorker, WorkerSettings
-from lightning_lora.worker.consumer import BrokerSettings, Consumer, publish_job
+from lightning_lora.layout import outcome_key
+from lightning_lora.worker.app import TrainingWorker, split_config
+from lightning_lora.worker.broker import BrokerSettings, publish_job
+from lightning_lora.worker.cli import compose_worker_config
+from lightning_lora.worker.consumer import Consumer
+from lightning_lora.worker.settings import load_settings
 from tests import test_worker
 from tests.support.broker import depth, running, wait_for
 from tests.support.receiver import Reply, WebhookReceiver
@@ -40,7 +45,6 @@ from tests.test_worker import (
     _job,
     _spawn_worker,
     _terminal,
-    _train_overrides,
     _wait_terminal,
     _worker,
 )
@@ -60,7 +64,8 @@ def _closed_port() -> int:
 class TcpGate:
     """A TCP forwarder to a local port that refuses connections until :meth:`open`.
 
-    While closed nothing listens on :attr:`port`, exactly like a stopped S3 endpoint.
+    While closed nothing listens on :attr:`port`, exactly like a stopped S3 endpoint, and the
+    connections it had forwarded are cut (so a client's pooled keep-alive connection dies too).
     """
 
     def __init__(self, target_port: int) -> None:
@@ -68,18 +73,35 @@ class TcpGate:
         self.port = _closed_port()
         self.target_port = target_port
         self._server: socket.socket | None = None
+        self._live: set[socket.socket] = set()
+        self._lock = threading.Lock()
 
     def open(self) -> None:
         """Start listening and forwarding."""
-        server = socket.create_server(("127.0.0.1", self.port))
-        self._server = server
+        with self._lock:
+            if self._server is not None:
+                return
+            server = socket.create_server(("127.0.0.1", self.port))
+            self._server = server
         threading.Thread(target=self._accept, args=(server,), daemon=True).start()
 
     def close(self) -> None:
-        """Stop listening (established connections die with their peers)."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        """Stop listening and cut every forwarded connection."""
+        with self._lock:
+            server, self._server = self._server, None
+            live, self._live = self._live, set()
+        if server is not None:
+            server.close()
+        for sock in live:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def outage(self, seconds: float) -> None:
+        """Close now and open again after ``seconds`` (in the background)."""
+        self.close()
+        threading.Timer(seconds, self.open).start()
 
     def _accept(self, server: socket.socket) -> None:
         while True:
@@ -87,7 +109,13 @@ class TcpGate:
                 client, _ = server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._live.update((client, upstream))
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
 
@@ -157,42 +185,121 @@ def _wait_progress(receiver: WebhookReceiver, style_id: int, timeout: float = 24
 # ------------------------------------------------------------------ a. S3 unavailable
 
 
-def test_s3_outage_fails_the_download_quickly_and_the_worker_carries_on(stack, caplog) -> None:
-    """S3 refusing connections: DOWNLOAD_FAILED in bounded time; S3 back: the next job completes."""
-    caplog.set_level(logging.INFO)
-    receiver, broker, good = stack["receiver"], stack["broker"], stack["storage"]
-    endpoint = good.endpoint_url.rsplit(":", 1)
-    gate = TcpGate(int(endpoint[1]))
+def _gated_storage(stack: dict, budget_s: float) -> tuple[TcpGate, S3Storage]:
+    """The stack's bucket behind a :class:`TcpGate` (open), with an S3 retry budget."""
+    good = stack["storage"]
+    gate = TcpGate(int(good.endpoint_url.rsplit(":", 1)[1]))
+    gate.open()
     storage = S3Storage(
         bucket=good.bucket,
         endpoint_url=f"http://127.0.0.1:{gate.port}",
-        max_attempts=2,
+        retry_budget_s=budget_s,
         connect_timeout_s=1,
         read_timeout_s=10,
     )
-    settings = WorkerSettings(
-        train_overrides=_train_overrides("trainer.max_epochs=1"), webhook_allowlist=["127.0.0.1"]
-    )
-    worker = TrainingWorker(settings, storage=storage)
+    return gate, storage
+
+
+def _gated_worker(stack: dict, storage: S3Storage, *extra: str, callbacks=()) -> TrainingWorker:
+    worker = _worker(stack, *extra, callbacks=callbacks)
+    worker._storage = storage
+    return worker
+
+
+class OutageAtFinalUpload(L.Callback):
+    """Closes the gate when training ends (just before the final LoRA upload) for a while."""
+
+    def __init__(self, gate: TcpGate, seconds: float) -> None:
+        self.gate, self.seconds, self.trainings = gate, seconds, 0
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.trainings += 1
+        if self.trainings == 1:
+            self.gate.outage(self.seconds)
+
+
+def test_s3_down_at_download_requeues_and_the_job_completes_once_s3_is_back(stack, caplog) -> None:
+    """S3 refusing connections past the retry budget: no failure, the job is requeued, then
+    trains once S3 is back; the worker takes the next job."""
+    caplog.set_level(logging.INFO)
+    receiver, broker = stack["receiver"], stack["broker"]
+    gate, storage = _gated_storage(stack, budget_s=1.5)
+    worker = _gated_worker(stack, storage, "trainer.max_epochs=1")
+    gate.close()
     try:
         with running(_consumer(worker, broker)):
-            started = time.monotonic()
             publish_job(broker, _job(stack, 61))
-            failed = _wait_terminal(receiver, 61, timeout=60)
-            elapsed = time.monotonic() - started
-            assert failed.path == FAILED_PATH
-            assert failed.json["error_code"] == "DOWNLOAD_FAILED"
-            assert elapsed < 30, f"an S3 outage took {elapsed:.1f}s to fail the job"
-            assert wait_for(lambda: depth(broker.dlq) == 1, 30)
-            gate.open()  # S3 is back: the same consumer takes the next job
-            publish_job(broker, _job(stack, 62))
-            done = _wait_terminal(receiver, 62)
+            assert wait_for(lambda: caplog.text.count("requeued") >= 2, 60), caplog.text[-2000:]
+            assert _terminal(receiver, 61) == []  # not the job's fault: nothing reported
+            gate.open()  # S3 is back
+            done = _wait_terminal(receiver, 61)
             assert done.path == COMPLETE_PATH, done.json
+            publish_job(broker, _job(stack, 62))
+            assert _wait_terminal(receiver, 62).path == COMPLETE_PATH
+            assert wait_for(lambda: depth(broker.queue) == 0 and worker.jobs_done == 2, 30)
+    finally:
+        gate.close()
+    assert "S3 unreachable" in caplog.text
+    assert len(_terminal(receiver, 61)) == 1 and len(_terminal(receiver, 62)) == 1
+    assert depth(broker.dlq) == 0
+
+
+@pytest.mark.parametrize("outage_s", [5.0, 20.0])
+def test_s3_blip_at_the_final_upload_is_retried_within_the_budget(stack, caplog, outage_s) -> None:
+    """S3 refuses connections for 5 s / 20 s when the LoRA is uploaded: retried, one completion."""
+    caplog.set_level(logging.INFO)
+    receiver, broker, good = stack["receiver"], stack["broker"], stack["storage"]
+    gate, storage = _gated_storage(stack, budget_s=60.0)
+    outage = OutageAtFinalUpload(gate, outage_s)
+    worker = _gated_worker(
+        stack,
+        storage,
+        "trainer.max_epochs=1",
+        "reporting.s3_checkpoint.every_n_epochs=0",
+        callbacks=[outage],
+    )
+    style = 63 if outage_s < 10 else 64
+    try:
+        with running(_consumer(worker, broker)):
+            publish_job(broker, _job(stack, style))
+            done = _wait_terminal(receiver, style, timeout=240)
             assert wait_for(lambda: depth(broker.queue) == 0 and worker.jobs_done == 1, 30)
     finally:
         gate.close()
-    assert "download failed" in caplog.text
-    assert len(_terminal(receiver, 61)) == 1 and len(_terminal(receiver, 62)) == 1
+    assert done.path == COMPLETE_PATH, done.json
+    assert outage.trainings == 1
+    assert "S3 upload" in caplog.text and "retrying" in caplog.text  # the blip was met
+    assert good.exists(f"models/style_{style}/lora_weights.safetensors")
+    assert len(_terminal(receiver, style)) == 1 and depth(broker.dlq) == 0
+
+
+def test_s3_down_past_the_budget_at_the_upload_requeues_and_keeps_the_lora(stack, caplog) -> None:
+    """Past the budget the job is requeued, not failed; the redelivery uploads the LoRA it
+    kept, without training again."""
+    caplog.set_level(logging.INFO)
+    receiver, broker, good = stack["receiver"], stack["broker"], stack["storage"]
+    gate, storage = _gated_storage(stack, budget_s=2.0)
+    outage = OutageAtFinalUpload(gate, 8.0)
+    worker = _gated_worker(
+        stack,
+        storage,
+        "trainer.max_epochs=1",
+        "reporting.s3_checkpoint.every_n_epochs=0",
+        callbacks=[outage],
+    )
+    try:
+        with running(_consumer(worker, broker)):
+            publish_job(broker, _job(stack, 65))
+            done = _wait_terminal(receiver, 65, timeout=240)
+            assert wait_for(lambda: depth(broker.queue) == 0 and worker.jobs_done == 1, 30)
+    finally:
+        gate.close()
+    assert done.path == COMPLETE_PATH, done.json
+    assert "requeued" in caplog.text  # the first delivery gave up on S3 and put the job back
+    assert "without training again" in caplog.text
+    assert outage.trainings == 1  # trained once, uploaded on the second delivery
+    assert good.exists("models/style_65/lora_weights.safetensors")
+    assert len(_terminal(receiver, 65)) == 1 and depth(broker.dlq) == 0
 
 
 # ------------------------------------------------------------------ b. webhook receiver faults
@@ -202,7 +309,7 @@ def test_completion_is_retried_through_500s_and_delivered_once(stack) -> None:
     """The backend answers 500 twice, then 200: one accepted completion, message acked."""
     receiver, broker = stack["receiver"], stack["broker"]
     receiver.script(COMPLETE_PATH, 500, Reply(503, headers={"Retry-After": "0"}), 200)
-    worker = _worker(stack, "trainer.max_epochs=1", "callbacks.webhook.backoff_base_s=0.2")
+    worker = _worker(stack, "trainer.max_epochs=1", "reporting.client.backoff_base_s=0.2")
     with running(_consumer(worker, broker)):
         publish_job(broker, _job(stack, 71))
         receiver.wait_for(lambda reqs: len(_completions(receiver, 71)) >= 1, 240)
@@ -224,9 +331,9 @@ def test_receiver_down_does_not_hold_the_job_and_is_logged(stack, caplog) -> Non
     worker = _worker(
         stack,
         "trainer.max_epochs=2",
-        f"callbacks.webhook.max_total_s={budget}",
-        "callbacks.webhook.timeout_s=1",
-        "callbacks.webhook.backoff_base_s=0.2",
+        f"reporting.client.max_total_s={budget}",
+        "reporting.client.timeout_s=1",
+        "reporting.client.backoff_base_s=0.2",
     )
     dead = f"http://127.0.0.1:{_closed_port()}"
     with running(_consumer(worker, broker)):
@@ -260,6 +367,7 @@ def test_a_job_that_kills_its_worker_is_dead_lettered_with_a_failure(
     finally:
         _kill(proc)
     worker = _worker(stack, "trainer.max_epochs=1")
+    worker.delivery_limit = 1
     with running(_consumer(worker, broker)):
         failed = _wait_terminal(receiver, 81, timeout=60)
         assert wait_for(lambda: depth(broker.dlq) == 1, 30)
@@ -283,10 +391,11 @@ def test_a_redelivered_completed_job_is_acked_without_training(stack, caplog) ->
         publish_job(broker, _job(stack, 91), message_id=message_id)
         assert _wait_terminal(receiver, 91).path == COMPLETE_PATH
         assert wait_for(lambda: depth(broker.queue) == 0 and worker.jobs_done == 1, 30)
-        assert storage.exists(checkpoint_prefix(91, message_id) + COMPLETED_MARKER)
+        record, _ = storage.get_json(outcome_key(91, message_id))
+        assert record["kind"] == "complete" and record["delivered"] is True
         progress_before = len(receiver.requests_to(PROGRESS_PATH))
         publish_job(broker, _job(stack, 91), message_id=message_id)
-        assert wait_for(lambda: "already completed" in caplog.text, 60)
+        assert wait_for(lambda: "already reported" in caplog.text, 60)
         assert wait_for(lambda: depth(broker.queue) == 0, 30)
         time.sleep(0.5)
     assert worker.jobs_done == 1
@@ -372,9 +481,10 @@ HOSTILE: dict[str, tuple[Callable[[str, str], bytes], str, bool]] = {
 @pytest.fixture
 def hostile_worker(s3_env: S3Storage, webhook_receiver, broker_settings, monkeypatch):
     """A consuming worker (no training happens: every message fails validation)."""
-    monkeypatch.setenv("INTERNAL_API_TOKEN", "tok-hostile-1234")
-    settings = WorkerSettings(webhook_allowlist=["127.0.0.1"])
-    worker = TrainingWorker(settings, storage=s3_env)
+    train_cfg, section = split_config(compose_worker_config(["model=tiny", "trainer=cpu"]))
+    env = {"INTERNAL_API_TOKEN": "tok-hostile-1234", "S3_BUCKET": s3_env.bucket}
+    settings = load_settings({**section, "webhook_allowlist": ["127.0.0.1"]}, env)
+    worker = TrainingWorker(train_cfg, settings, storage=s3_env)
     with running(_consumer(worker, broker_settings)):
         yield worker, s3_env, webhook_receiver, broker_settings
 
@@ -528,7 +638,7 @@ def test_broker_closing_the_connection_mid_job_neither_loses_nor_doubles_it(stac
     # the completion hangs until released, so the job is surely still running at the close,
     # however fast training is (the client's timeout is above the time the close takes)
     receiver.script(COMPLETE_PATH, Reply(hang=True))
-    worker = _worker(stack, "trainer.max_epochs=6", "callbacks.webhook.timeout_s=50")
+    worker = _worker(stack, "trainer.max_epochs=6", "reporting.client.timeout_s=50")
     consumer = _consumer(worker, broker)
     with running(consumer):
         publish_job(broker, _job(stack, 111))
@@ -540,7 +650,7 @@ def test_broker_closing_the_connection_mid_job_neither_loses_nor_doubles_it(stac
         done = _wait_terminal(receiver, 111)
         assert done.path == COMPLETE_PATH, done.json
         # the unacked message comes back once the worker reconnects: acked via the marker
-        assert wait_for(lambda: "already completed" in caplog.text, 90), caplog.text[-3000:]
+        assert wait_for(lambda: "already reported" in caplog.text, 90), caplog.text[-3000:]
         assert wait_for(lambda: depth(broker.queue) == 0, 30)
         time.sleep(1)
     assert "connection lost while job" in caplog.text

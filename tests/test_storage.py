@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import re
 import socket
 import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from lightning_lora.clients.storage import (
     S3Storage,
@@ -17,13 +19,16 @@ from lightning_lora.clients.storage import (
     model_key,
     parse_s3_url,
 )
+from lightning_lora.data import StyleDataModule, find_style_images, load_rgb
 from lightning_lora.errors import (
     DatasetError,
     DownloadError,
     InvalidImageError,
     InvalidMessageError,
+    StorageUnavailableError,
     UploadError,
 )
+from lightning_lora.images import sniff_image_format, with_image_extension
 from tests.support.s3 import MotoS3Server, fake_aws_env
 
 
@@ -39,6 +44,13 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+def image_bytes(fmt: str, color: tuple[int, int, int] = (200, 30, 30), size=(16, 12)) -> bytes:
+    """A small real image in Pillow format ``fmt`` (``"JPEG"``, ``"PNG"``, ``"WEBP"``, ...)."""
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- parse_s3_url
@@ -104,8 +116,10 @@ def test_key_helpers() -> None:
     assert kohya_key(7) == "models/style_7/lora_kohya.safetensors"
     assert checkpoint_prefix(7) == "checkpoints/style_7/"
     assert S3Storage.model_key(3) == model_key(3)
-    with pytest.raises(InvalidMessageError):
+    with pytest.raises(ValueError, match="style_id"):
         model_key(-1)
+    with pytest.raises(ValueError, match="run id"):
+        checkpoint_prefix(7, "../x")
     assert local_image_name(3, "a/b/../.hidden name$.jpg") == "0003_hidden_name_.jpg"
     assert local_image_name(0, "x/" + "n" * 300 + ".png").endswith("n.png")
     assert len(local_image_name(0, "x/" + "n" * 300 + ".png")) == 105
@@ -170,21 +184,22 @@ def test_upload_missing_local_file_or_bad_key(s3_env: S3Storage, tmp_path: Path)
 
 
 def test_download_images_keeps_same_basenames_apart(s3_env: S3Storage, tmp_path: Path) -> None:
-    urls = [put(s3_env, "a/1.jpg", b"first"), put(s3_env, "b/1.jpg", b"second")]
-    urls.append(put(s3_env, "c/..%2F..evil name$.jpg", b"third"))
+    data = [image_bytes("JPEG", (i * 90, 0, 0)) for i in range(3)]
+    urls = [put(s3_env, "a/1.jpg", data[0]), put(s3_env, "b/1.jpg", data[1])]
+    urls.append(put(s3_env, "c/..%2F..evil name$.jpg", data[2]))
     dest = tmp_path / "images"
-    paths = s3_env.download_images(urls, dest, 10, 100, 1000)
+    paths = s3_env.download_images(urls, dest, 10, 10_000, 100_000)
     assert [p.name for p in paths] == ["0000_1.jpg", "0001_1.jpg", "0002__2F..evil_name_.jpg"]
-    assert [p.read_bytes() for p in paths] == [b"first", b"second", b"third"]
+    assert [p.read_bytes() for p in paths] == data
     assert all(p.parent == dest for p in paths)
     assert sorted(dest.iterdir()) == sorted(paths)  # no partial files left
 
 
 def test_download_images_missing_object_names_url(s3_env: S3Storage, tmp_path: Path) -> None:
-    ok = put(s3_env, "imgs/ok.jpg", b"ok")
+    ok = put(s3_env, "imgs/ok.jpg", image_bytes("JPEG"))
     missing = s3_env.s3_url("imgs/missing.jpg")
     with pytest.raises(DownloadError, match=re.escape(missing)) as info:
-        s3_env.download_images([ok, missing], tmp_path, 10, 100, 1000)
+        s3_env.download_images([ok, missing], tmp_path, 10, 10_000, 100_000)
     assert info.value.error_code == "DOWNLOAD_FAILED"
 
 
@@ -202,9 +217,10 @@ def test_download_images_too_large(s3_env: S3Storage, tmp_path: Path) -> None:
 
 
 def test_download_images_total_too_large(s3_env: S3Storage, tmp_path: Path) -> None:
-    urls = [put(s3_env, f"imgs/{i}.jpg", b"x" * 60) for i in range(2)]
+    data = image_bytes("PNG")
+    urls = [put(s3_env, f"imgs/{i}.png", data) for i in range(2)]
     with pytest.raises(DatasetError, match="in total"):
-        s3_env.download_images(urls, tmp_path, 10, 100, 100)
+        s3_env.download_images(urls, tmp_path, 10, len(data), len(data) * 3 // 2)
 
 
 def test_download_images_too_many_or_invalid_urls(s3_env: S3Storage, tmp_path: Path) -> None:
@@ -219,22 +235,112 @@ def test_download_images_too_many_or_invalid_urls(s3_env: S3Storage, tmp_path: P
     assert s3_env.download_images([], tmp_path / "d", 5, 100, 1000) == []
 
 
+def test_extensionless_keys_are_named_by_content_and_train(
+    s3_env: S3Storage, tmp_path: Path
+) -> None:
+    kinds = {"JPEG": (10, 200, 10), "PNG": (200, 10, 10), "WEBP": (10, 10, 200)}
+    urls = [
+        put(s3_env, f"uploads/3f2a9c{i}", image_bytes(fmt, c))
+        for i, (fmt, c) in enumerate(kinds.items())
+    ]
+    urls.append(put(s3_env, "uploads/e1b2.v2", image_bytes("PNG")))  # a dot, not an extension
+    dest = tmp_path / "images"
+    paths = s3_env.download_images(urls, dest, 10, 10_000, 100_000)
+    assert [p.name for p in paths] == [
+        "0000_3f2a9c0.jpg",
+        "0001_3f2a9c1.png",
+        "0002_3f2a9c2.webp",
+        "0003_e1b2.v2.png",
+    ]
+    assert sorted(dest.iterdir()) == sorted(paths)  # no hidden download left behind
+    found = find_style_images(dest, "art by {token}", "zzz")
+    assert [item.path for item in found] == paths
+    for path, color in zip(paths, kinds.values(), strict=False):
+        assert load_rgb(path).getpixel((8, 6)) == pytest.approx(color, abs=12)  # lossy JPEG
+    dm = StyleDataModule(str(dest), resolution=16)
+    dm.setup("fit")
+    assert dm.num_images == len(urls)
+
+
+def test_wrong_extension_is_replaced_by_the_content_type(s3_env: S3Storage, tmp_path: Path) -> None:
+    urls = [
+        put(s3_env, "imgs/really_png.jpg", image_bytes("PNG")),
+        put(s3_env, "imgs/really_jpeg.PNG", image_bytes("JPEG")),
+        put(s3_env, "imgs/kept.JPEG", image_bytes("JPEG")),
+        put(s3_env, "imgs/" + "n" * 300 + ".webp", image_bytes("PNG")),
+    ]
+    paths = s3_env.download_images(urls, tmp_path / "d", 10, 10_000, 100_000)
+    names = [p.name for p in paths]
+    assert names[:3] == ["0000_really_png.png", "0001_really_jpeg.jpg", "0002_kept.JPEG"]
+    assert names[3].endswith("n.png") and len(names[3]) == 105  # capped, extension kept
+    assert [sniff_image_format(p) for p in paths] == ["PNG", "JPEG", "JPEG", "PNG"]
+    assert [item.path for item in find_style_images(tmp_path / "d", "{token}", "t")] == paths
+    assert all(load_rgb(p).size == (16, 12) for p in paths)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (image_bytes("GIF"), "is a GIF file; supported: JPEG, PNG, WebP"),
+        (image_bytes("BMP"), "is a BMP file; supported: JPEG, PNG, WebP"),
+        (image_bytes("TIFF"), "is a TIFF file; supported: JPEG, PNG, WebP"),
+        (b"just some notes\n", "is not an image file (unrecognised content); supported"),
+        (b"", "is empty (0 bytes)"),
+    ],
+    ids=["gif", "bmp", "tiff", "text", "empty"],
+)
+def test_unsupported_file_among_images_names_its_url(
+    s3_env: S3Storage, tmp_path: Path, data: bytes, expected: str
+) -> None:
+    good = put(s3_env, "style/a.png", image_bytes("PNG"))
+    bad = put(s3_env, "style/b.png", data)  # a supported extension does not help
+    after = put(s3_env, "style/c.png", image_bytes("PNG"))
+    dest = tmp_path / "d"
+    with pytest.raises(InvalidImageError, match=re.escape(f"image {bad} {expected}")) as info:
+        s3_env.download_images([good, bad, after], dest, 10, 10_000, 100_000)
+    assert info.value.error_code == "INVALID_IMAGE"
+    assert sorted(p.name for p in dest.iterdir()) == ["0000_a.png"]  # nothing of the bad one
+
+
+def test_sniffing_reads_magic_bytes_not_names(tmp_path: Path) -> None:
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "ICO", "PDF"):
+        data = image_bytes(fmt)
+        assert sniff_image_format(data) == fmt
+        path = tmp_path / f"{fmt}.bin"
+        path.write_bytes(data)
+        assert sniff_image_format(path) == sniff_image_format(str(path)) == fmt
+    assert sniff_image_format(b"RIFF\x00\x00\x00\x00WAVEfmt ") is None  # RIFF, not WebP
+    assert sniff_image_format(b"\x00\x00\x00\x1cftypavif") == "AVIF"
+    assert sniff_image_format(b"\x00\x00\x00\x18ftypheic") == "HEIF"
+    assert sniff_image_format(b"\xff\xd8") is None  # too short to be a JPEG
+    assert sniff_image_format(b"") is None
+    assert with_image_extension("a.jpeg", "JPEG") == "a.jpeg"
+    assert with_image_extension("a.webp", "JPEG") == "a.jpg"
+    assert with_image_extension("scan.tiff", "PNG") == "scan.tiff.png"
+    assert with_image_extension(".png", "WEBP") == ".png.webp"
+    with pytest.raises(ValueError, match="GIF"):
+        with_image_extension("a", "GIF")
+    assert local_image_name(2, "x/3f2a9c", image_format="WEBP") == "0002_3f2a9c.webp"
+
+
 # --------------------------------------------------------------------------- unreachable store
 
 
 def test_unreachable_store_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in fake_aws_env(closed_port_url(), "some-bucket").items():
         monkeypatch.setenv(name, value)
-    storage = S3Storage(max_attempts=2, connect_timeout_s=1, read_timeout_s=1)
+    storage = S3Storage(retry_budget_s=1.0, connect_timeout_s=1, read_timeout_s=1)
     source = tmp_path / "f.bin"
     source.write_bytes(b"x")
     start = time.monotonic()
-    with pytest.raises(DownloadError, match=re.escape("s3://some-bucket/imgs/1.jpg")):
+    # each operation retries for its budget, then gives up naming the URL; not a job failure
+    with pytest.raises(StorageUnavailableError, match=re.escape("s3://some-bucket/imgs/1.jpg")):
         storage.download_images(["s3://some-bucket/imgs/1.jpg"], tmp_path / "d", 5, 10, 10)
-    with pytest.raises(UploadError, match="s3://some-bucket/models/style_1"):
+    assert time.monotonic() - start >= 1.0
+    with pytest.raises(StorageUnavailableError, match="s3://some-bucket/models/style_1"):
         storage.upload_file(source, model_key(1))
-    with pytest.raises(DownloadError):
+    with pytest.raises(StorageUnavailableError):
         storage.exists("k")
-    with pytest.raises(DownloadError):
+    with pytest.raises(StorageUnavailableError):
         storage.list_keys("checkpoints/")
-    assert time.monotonic() - start < 15
+    assert time.monotonic() - start < 20

@@ -21,8 +21,11 @@ from safetensors.torch import load_file
 
 from lightning_lora.clients.storage import S3Storage, checkpoint_prefix, model_key
 from lightning_lora.clients.webhook_client import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
-from lightning_lora.worker.app import TrainingWorker, WorkerSettings
-from lightning_lora.worker.consumer import BrokerSettings, Consumer, publish_job
+from lightning_lora.worker.app import TrainingWorker, split_config
+from lightning_lora.worker.broker import BrokerSettings, publish_job
+from lightning_lora.worker.cli import compose_worker_config
+from lightning_lora.worker.consumer import Consumer
+from lightning_lora.worker.settings import load_settings
 from tests.conftest import TINY_OVERRIDES
 from tests.support.broker import depth, get, running, wait_for
 
@@ -35,9 +38,9 @@ def _train_overrides(*extra: str) -> list[str]:
         "callbacks=production",
         *TINY_OVERRIDES,
         "trainer.max_epochs=2",
-        "callbacks.webhook.interval_s=0.2",
-        "callbacks.s3_checkpoint.every_n_epochs=1",
-        "callbacks.webhook.max_total_s=20",
+        "reporting.webhook.interval_s=0.2",
+        "reporting.s3_checkpoint.every_n_epochs=1",
+        "reporting.client.max_total_s=20",
         *extra,
     ]
 
@@ -72,11 +75,18 @@ def _job(stack, style_id: int, **extra) -> dict:
     }
 
 
-def _worker(stack, *extra: str) -> TrainingWorker:
-    settings = WorkerSettings(
-        train_overrides=_train_overrides(*extra), webhook_allowlist=["127.0.0.1"]
+def _worker(stack, *extra: str, callbacks=(), **settings) -> TrainingWorker:
+    """An in-process worker on the stack's bucket, with the tiny model and short leases."""
+    train_cfg, section = split_config(compose_worker_config(_train_overrides(*extra)))
+    values = {**section, "webhook_allowlist": ["127.0.0.1"], "lease_ttl_s": 5, **settings}
+    env = {"INTERNAL_API_TOKEN": TOKEN, "S3_BUCKET": stack["storage"].bucket}
+    return TrainingWorker(
+        train_cfg, load_settings(values, env), storage=stack["storage"], callbacks=callbacks
     )
-    return TrainingWorker(settings, storage=stack["storage"])
+
+
+def _checkpoints(storage: S3Storage, style_id: int) -> list[str]:
+    return [k for k in storage.list_keys(checkpoint_prefix(style_id)) if k.endswith(".ckpt")]
 
 
 def _terminal(receiver, style_id: int) -> list:
@@ -140,7 +150,13 @@ def test_a_job_end_to_end(stack, tiny_model: str, tmp_path: Path, caplog) -> Non
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
     pipe.load_lora_weights(str(local.parent))
     assert any("lora" in n for n, _ in pipe.unet.named_parameters())
-    assert storage.list_keys(checkpoint_prefix(11))  # checkpoints were uploaded during training
+    # the run's outcome is recorded once, delivered; its checkpoints were removed after the upload
+    (outcome_key,) = [k for k in storage.list_keys(checkpoint_prefix(11)) if "outcome" in k]
+    record, _ = storage.get_json(outcome_key)
+    assert record["kind"] == "complete" and record["delivered"] is True
+    assert record["event_id"] == done.header("Idempotency-Key") == done.header("webhook-id")
+    assert _checkpoints(storage, 11) == []
+    assert storage.list_keys("outbox/") == []
 
 
 def test_bad_jobs_fail_cleanly_and_the_worker_carries_on(stack, tmp_path: Path) -> None:
@@ -206,22 +222,33 @@ def test_consecutive_jobs_start_from_a_fresh_lora(stack) -> None:
 
 
 # ------------------------------------------------------------------ worker processes
-def _spawn_worker(stack, *extra: str, log_path: Path | None = None) -> subprocess.Popen:
+def _spawn_worker(
+    stack,
+    *extra: str,
+    log_path: Path | None = None,
+    env: dict[str, str] | None = None,
+    broker: BrokerSettings | None = None,
+) -> subprocess.Popen:
     """A ``lightning-lora-worker`` process; its output goes to a file (read by ``_stop``)."""
-    broker: BrokerSettings = stack["broker"]
+    broker = broker or stack["broker"]
     env = {
         **os.environ,
         "RABBITMQ_HOST": broker.host,
+        "RABBITMQ_PORT": str(broker.port),
         "RABBITMQ_QUEUE": broker.queue,
         "RABBITMQ_HEARTBEAT": "5",
         "PYTHONUNBUFFERED": "1",
+        "S3_RETRY_BUDGET_S": "20",
+        **(env or {}),
     }
-    overrides = ",".join(f'"{o}"' for o in _train_overrides(*extra))
     args = [
         str(WORKER_SCRIPT),
-        f"train_overrides=[{overrides}]",
-        "webhook_allowlist=[127.0.0.1]",
-        "grace_period_s=60",
+        *_train_overrides(*extra),
+        "worker.webhook_allowlist=[127.0.0.1]",
+        "worker.grace_period_s=60",
+        "worker.lease_ttl_s=6",
+        "worker.outbox_poll_s=1",
+        "worker.outbox_backoff_base_s=0.5",
     ]
     if log_path is None:
         log_path = Path(tempfile.mkstemp(prefix="ll-worker-", suffix=".log")[1])
@@ -245,8 +272,7 @@ def test_a_killed_worker_s_job_resumes_from_its_s3_checkpoint(stack) -> None:
     second = None
     try:
         publish_job(broker, _job(stack, 41))
-        prefix = checkpoint_prefix(41)
-        assert wait_for(lambda: len(storage.list_keys(prefix)) >= 1, 240, interval=0.2), _stop(
+        assert wait_for(lambda: len(_checkpoints(storage, 41)) >= 1, 240, interval=0.2), _stop(
             first
         )
         first.send_signal(signal.SIGKILL)
@@ -276,7 +302,7 @@ def test_a_killed_worker_s_job_resumes_from_its_s3_checkpoint(stack) -> None:
 def test_sigterm_checkpoints_requeues_and_exits_zero(stack) -> None:
     receiver, storage, broker = stack["receiver"], stack["storage"], stack["broker"]
     proc = _spawn_worker(
-        stack, "trainer.max_epochs=50", "callbacks.s3_checkpoint.every_n_epochs=100"
+        stack, "trainer.max_epochs=50", "reporting.s3_checkpoint.every_n_epochs=100"
     )
     try:
         publish_job(broker, _job(stack, 51))
@@ -290,7 +316,7 @@ def test_sigterm_checkpoints_requeues_and_exits_zero(stack) -> None:
         assert proc.wait(90) == 0
     finally:
         out = _stop(proc)
-    assert storage.list_keys(checkpoint_prefix(51)), out[-3000:]  # checkpointed on the way out
+    assert _checkpoints(storage, 51), out[-3000:]  # checkpointed on the way out
     assert _terminal(receiver, 51) == []  # neither completed nor failed
     assert depth(broker.queue) == 1  # back in the queue for the next worker
     assert TOKEN not in out

@@ -21,60 +21,43 @@ the network:
 The **completion** webhook needs the model URL, which exists only after the LoRA was exported
 and uploaded, i.e. after ``train()`` returned: :meth:`WebhookCallback.report_completion` sends it
 (see :func:`lightning_lora.reporting.run_reported_training`, which also reports failures that
-happen outside ``trainer.fit``). The callback sends at most one terminal report (completion *or*
-failure) in its lifetime: :meth:`WebhookCallback.report_failure` and
-:meth:`WebhookCallback.report_completion` return ``False`` and send nothing once one was sent.
+happen outside ``trainer.fit``). The once-only rule belongs to the job's
+:class:`~lightning_lora.job_report.JobReport`, which the callback reports through: whoever
+reports first (this callback, the reporting code or the worker) is the only terminal report.
 
 Only global rank zero sends anything.
 
-Config: ``configs/callbacks/webhook.yaml`` holds settings only (no ``_target_``, so ``train()``
-does not instantiate it): the callback needs the job's ``style_id`` and ``webhook_url``, so the
-worker builds it per job (:func:`lightning_lora.reporting.run_reported_training` reads
-``cfg.callbacks.webhook.interval_s``).
+Config: ``configs/callbacks/webhook.yaml`` is a ``_partial_`` target: the job's report (its
+``style_id`` and ``webhook_url``) comes in at run time, so
+:func:`lightning_lora.reporting.run_reported_training` completes it per job.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
 
-from lightning_lora.clients.webhook_client import WebhookClient, WebhookSender, failed_payload
-from lightning_lora.errors import JobInterrupted, error_code_of
-from lightning_lora.redaction import redact
+from lightning_lora.clients.webhook_client import WebhookClient, WebhookSender
+from lightning_lora.job_report import JobReport, error_message_of
 
 __all__ = ["WebhookCallback", "error_message_of"]
 
 log = logging.getLogger(__name__)
 
 
-def error_message_of(exc: BaseException) -> str:
-    """A one-line description of an exception for the failure webhook (redacted).
-
-    Args:
-        exc: The exception.
-
-    Returns:
-        ``"<ExceptionType>: <message>"`` with secrets masked.
-    """
-    text = str(exc).strip()
-    name = type(exc).__name__
-    return redact(f"{name}: {text}" if text else name)
-
-
 class WebhookCallback(L.Callback):
     """Sends progress reports during training and a failure report if training raises.
 
     Attributes:
-        sender: The sender all reports go through (shared with the completion report).
+        report: The job's report (progress and the one terminal report).
+        sender: The sender progress goes through.
         style_id: The style being trained.
         interval_s: Least wall time between two progress reports (start and end excepted).
-        terminal: ``"complete"`` or ``"failed"`` once a terminal report was posted, else ``None``.
         progress_reports: Number of progress reports posted.
         start_epoch: Epoch at which this process started training (> 0 after a resume).
         start_step: ``global_step`` at which this process started training.
@@ -82,34 +65,37 @@ class WebhookCallback(L.Callback):
 
     def __init__(
         self,
-        sender: WebhookSender | WebhookClient,
-        style_id: int,
+        report: JobReport | WebhookSender | WebhookClient,
+        style_id: int | None = None,
         interval_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Configure.
 
         Args:
-            sender: A :class:`WebhookSender` (preferred: the caller owns, flushes and closes it),
-                or a :class:`WebhookClient`, which is then wrapped in a new sender owned by the
-                caller through :attr:`sender`.
-            style_id: The style being trained.
+            report: The job's :class:`JobReport`, or a :class:`WebhookSender` (the caller owns,
+                flushes and closes it) or :class:`WebhookClient` (wrapped in a new sender, owned
+                by the caller through :attr:`sender`) for which a report is made.
+            style_id: The style being trained (taken from ``report`` when it is a JobReport).
             interval_s: Least seconds between two progress reports (30 in production).
             clock: Monotonic clock (seconds), replaceable for tests.
         """
-        if isinstance(style_id, bool) or not isinstance(style_id, int):
-            raise TypeError(f"style_id must be an int, got {type(style_id).__name__}")
         if interval_s < 0:
             raise ValueError("interval_s must be >= 0")
-        self.sender = sender if isinstance(sender, WebhookSender) else WebhookSender(sender)
-        self.style_id = style_id
+        if not isinstance(report, JobReport):
+            if style_id is None:
+                raise TypeError("style_id is required unless a JobReport is given")
+            report = JobReport(report, style_id)
+        elif style_id is not None and style_id != report.style_id:
+            raise ValueError(f"style_id {style_id} differs from the report's {report.style_id}")
+        self.report = report
+        self.sender = report.sender
+        self.style_id = report.style_id
         self.interval_s = float(interval_s)
         self.clock = clock
-        self.terminal: str | None = None
         self.progress_reports = 0
         self.start_epoch = 0
         self.start_step = 0
-        self._lock = threading.Lock()
         self._t0: float | None = None
         self._last_sent: float | None = None
         self._total_steps: float = math.inf
@@ -158,9 +144,14 @@ class WebhookCallback(L.Callback):
             eta = math.ceil(per_step * steps_left)
         return epochs_done, total_epochs, percent, eta
 
+    @property
+    def terminal(self) -> str | None:
+        """``"complete"`` or ``"failed"`` once the job's terminal report was taken."""
+        return self.report.terminal_kind
+
     def _post(self, report: tuple[int, int, int, int]) -> None:
         current, total, percent, eta = report
-        if self.sender.post_progress(self.style_id, current, total, percent, eta):
+        if self.report.progress(current, total, percent, eta):
             self.progress_reports += 1
         self._last_sent = self.clock()
         log.debug(
@@ -223,64 +214,27 @@ class WebhookCallback(L.Callback):
             self.report_failure(exception)
 
     def report_failure(self, exc: BaseException) -> bool:
-        """Post the failure webhook for ``exc``, unless a terminal report was already posted.
+        """Report ``exc`` as the job's failure (through :attr:`report`; once per job).
 
-        Never raises.
-
-        Args:
-            exc: What made the training fail.
+        Never raises. A :class:`~lightning_lora.errors.JobInterrupted` reports nothing.
 
         Returns:
-            Whether a failure report was queued now.
+            Whether a failure report was taken now.
         """
-        if isinstance(exc, JobInterrupted):  # a shutdown, not a failure: the job is requeued
-            return False
-        with self._lock:
-            if self.terminal is not None:
-                return False
-            self.terminal = "failed"
-        code = error_code_of(exc)
-        try:
-            # the exact (redacted, truncated) message the backend gets, also for the log line
-            secrets = self.sender.client._secrets()
-            message = failed_payload(self.style_id, error_message_of(exc), code, secrets)
-            log.error(
-                "training of style %s failed (%s): %s",
-                self.style_id,
-                code,
-                message["error_message"],
-            )
-            return self.sender.post_failed(self.style_id, message["error_message"], code)
-        except Exception as post_exc:  # never mask the training's own exception
-            log.error("failure webhook not queued: %s", redact(repr(post_exc)))
-            return False
+        return self.report.fail(exc)
 
     def report_completion(self, model_url: str, metadata: Mapping[str, Any]) -> bool:
-        """Post the completion webhook, unless a terminal report was already posted.
+        """Report the completion (through :attr:`report`; once per job).
 
         Args:
             model_url: ``s3://`` URL of the uploaded LoRA.
             metadata: Training facts (see :func:`lightning_lora.reporting.completion_metadata`).
 
         Returns:
-            Whether a completion report was queued now.
+            Whether a completion report was taken now.
 
         Raises:
             TypeError, ValueError: The arguments cannot form a valid payload (nothing is marked
                 as sent, so a failure can still be reported).
         """
-        with self._lock:
-            if self.terminal is not None:
-                log.warning(
-                    "completion of style %s not reported: %s already reported",
-                    self.style_id,
-                    self.terminal,
-                )
-                return False
-            self.terminal = "complete"
-        try:
-            return self.sender.post_complete(self.style_id, model_url, metadata)
-        except Exception:
-            with self._lock:
-                self.terminal = None
-            raise
+        return self.report.complete(model_url, metadata)

@@ -20,9 +20,11 @@ Failures are raised as :class:`~lightning_lora.errors.DownloadError`,
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -33,14 +35,26 @@ import boto3.exceptions
 import boto3.s3.transfer
 import botocore.config
 import botocore.exceptions
+import tenacity
 
 from lightning_lora.errors import (
     DatasetError,
     DownloadError,
     InvalidImageError,
     InvalidMessageError,
+    PreconditionFailedError,
+    StorageUnavailableError,
     UploadError,
 )
+from lightning_lora.images import (
+    EXTENSION_BY_FORMAT,
+    SUPPORTED_FORMAT_NAMES,
+    describe_format,
+    sniff_image_format,
+    with_image_extension,
+)
+from lightning_lora.jitter import tenacity_wait
+from lightning_lora.layout import checkpoint_prefix, kohya_key, model_key
 
 __all__ = [
     "DEFAULT_BUCKET",
@@ -64,6 +78,12 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _UNSAFE_NAME_CHARS_RE = re.compile(r"[^A-Za-z0-9._-]+")
 _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
+_PRECONDITION_CODES = frozenset({"412", "PreconditionFailed", "ConditionalRequestConflict", "409"})
+_TRANSIENT_CODES = frozenset(
+    {"RequestTimeout", "SlowDown", "InternalError", "ServiceUnavailable", "Throttling"}
+)
+DEFAULT_RETRY_BUDGET_S = 300.0
+"""Default seconds an S3 operation keeps retrying transient failures (``S3_RETRY_BUDGET_S``)."""
 _BOTO_ERRORS = (
     botocore.exceptions.BotoCoreError,
     botocore.exceptions.ClientError,
@@ -175,45 +195,7 @@ def parse_s3_url(url: str, allowed_buckets: Collection[str] | None = None) -> tu
     return bucket, key
 
 
-def _check_style_id(style_id: int) -> int:
-    if isinstance(style_id, bool) or not isinstance(style_id, int) or style_id < 0:
-        raise InvalidMessageError(f"style_id must be a non-negative int, got {style_id!r}")
-    return style_id
-
-
-def model_key(style_id: int) -> str:
-    """Return the key of a style's final LoRA: ``models/style_{id}/lora_weights.safetensors``."""
-    return f"models/style_{_check_style_id(style_id)}/lora_weights.safetensors"
-
-
-def kohya_key(style_id: int) -> str:
-    """Return the key of a style's kohya LoRA: ``models/style_{id}/lora_kohya.safetensors``."""
-    return f"models/style_{_check_style_id(style_id)}/lora_kohya.safetensors"
-
-
-_RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,80}")
-
-
-def checkpoint_prefix(style_id: int, run_id: str | None = None) -> str:
-    """Return the prefix of a style's checkpoints.
-
-    Args:
-        style_id: The style.
-        run_id: A job's identity: its checkpoints live under ``checkpoints/style_{id}/{run_id}/``,
-            so a new job for the same style never resumes an older job's training.
-
-    Returns:
-        ``checkpoints/style_{id}/`` or ``checkpoints/style_{id}/{run_id}/``.
-    """
-    base = f"checkpoints/style_{_check_style_id(style_id)}/"
-    if run_id is None:
-        return base
-    if not _RUN_ID.fullmatch(run_id) or run_id in {".", ".."}:
-        raise ValueError(f"run id {run_id!r} must match [A-Za-z0-9._-]{{1,80}}")
-    return f"{base}{run_id}/"
-
-
-def local_image_name(index: int, key: str, width: int = 4) -> str:
+def local_image_name(index: int, key: str, width: int = 4, image_format: str | None = None) -> str:
     """Return a safe, collision-free local file name for the ``index``-th image.
 
     Only the key's basename is kept, restricted to ``[A-Za-z0-9._-]``, without leading dots
@@ -223,19 +205,41 @@ def local_image_name(index: int, key: str, width: int = 4) -> str:
         index: Position of the image in the job's list.
         key: The image's object key.
         width: Zero-padding of the index.
+        image_format: The content's format (``"JPEG"``, ``"PNG"`` or ``"WEBP"``, from
+            :func:`~lightning_lora.images.sniff_image_format`): the name then ends in its
+            extension (:func:`~lightning_lora.images.with_image_extension`), whatever the key's.
 
     Returns:
-        E.g. ``0003_1.jpg``.
+        E.g. ``0003_1.jpg``; ``0004_3f2a9c.png`` for the key ``3f2a9c`` holding a PNG.
     """
     base = re.split(r"[/\\]", key)[-1]
-    base = _UNSAFE_NAME_CHARS_RE.sub("_", base).lstrip(".")
+    base = _UNSAFE_NAME_CHARS_RE.sub("_", base).lstrip(".") or "image"
+    if image_format is not None:
+        base = with_image_extension(base, image_format)
     if len(base) > _MAX_BASENAME_CHARS:
         stem, dot, ext = base.rpartition(".")
         if dot and stem and len(ext) <= 10:
             base = f"{stem[: _MAX_BASENAME_CHARS - len(ext) - 1]}.{ext}"
         else:
             base = base[:_MAX_BASENAME_CHARS]
-    return f"{index:0{width}d}_{base or 'image'}"
+    return f"{index:0{width}d}_{base}"
+
+
+def _image_format_of(path: Path, url: str) -> str:
+    """Return the supported format of a downloaded image, told by its first bytes.
+
+    Raises:
+        InvalidImageError: The file is empty or not a JPEG, PNG or WebP (names ``url``).
+        OSError: The file cannot be read.
+    """
+    fmt = sniff_image_format(path)
+    if fmt in EXTENSION_BY_FORMAT:
+        return fmt
+    if path.stat().st_size == 0:
+        raise InvalidImageError(f"image {url} is empty (0 bytes)")
+    raise InvalidImageError(
+        f"image {url} is {describe_format(fmt)}; supported: {SUPPORTED_FORMAT_NAMES}"
+    )
 
 
 def _error_code(exc: BaseException) -> str:
@@ -248,6 +252,31 @@ def _error_code(exc: BaseException) -> str:
 
 def _is_not_found(exc: BaseException) -> bool:
     return _error_code(exc) in _NOT_FOUND_CODES
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Whether an S3 failure may go away by itself (connection trouble, timeouts, 5xx, 429)."""
+    if isinstance(
+        exc,
+        botocore.exceptions.ConnectionError
+        | botocore.exceptions.HTTPClientError
+        | botocore.exceptions.ReadTimeoutError,
+    ):
+        return True
+    if isinstance(exc, boto3.exceptions.S3UploadFailedError):
+        cause = exc.__cause__ or exc.__context__
+        return cause is not None and _is_transient(cause)
+    if isinstance(exc, botocore.exceptions.ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status == 429 or _error_code(exc) in _TRANSIENT_CODES
+    return False
+
+
+def _is_precondition_failed(exc: BaseException) -> bool:
+    return isinstance(exc, botocore.exceptions.ClientError) and (
+        _error_code(exc) in _PRECONDITION_CODES
+        or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)
+    )
 
 
 def _describe(exc: BaseException) -> str:
@@ -266,7 +295,10 @@ class S3Storage:
         endpoint_url: S3-compatible endpoint; ``S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL`` when
             ``None`` (AWS itself when neither is set).
         region_name: AWS region; boto3's default resolution when ``None``.
-        max_attempts: Total attempts per request (botocore "standard" retry mode).
+        retry_budget_s: Seconds each operation keeps retrying transient failures (connection
+            refused or reset, timeouts, 5xx, throttling), with exponential backoff and full
+            jitter; ``S3_RETRY_BUDGET_S`` or 300 when ``None``. Past it the operation raises
+            :class:`~lightning_lora.errors.StorageUnavailableError`.
         connect_timeout_s: Connect timeout per request.
         read_timeout_s: Read timeout per request.
         multipart_threshold_mb: Size from which transfers use multipart.
@@ -277,7 +309,7 @@ class S3Storage:
         bucket: str | None = None,
         endpoint_url: str | None = None,
         region_name: str | None = None,
-        max_attempts: int = 5,
+        retry_budget_s: float | None = None,
         connect_timeout_s: float = 5,
         read_timeout_s: float = 60,
         multipart_threshold_mb: int = 8,
@@ -292,8 +324,15 @@ class S3Storage:
             or os.environ.get("AWS_ENDPOINT_URL")
             or None
         )
+        if retry_budget_s is None:
+            retry_budget_s = float(os.environ.get("S3_RETRY_BUDGET_S") or DEFAULT_RETRY_BUDGET_S)
+        if retry_budget_s < 0:
+            raise ValueError("retry_budget_s must be >= 0")
+        self.retry_budget_s = float(retry_budget_s)
         options: dict[str, Any] = {
-            "retries": {"max_attempts": max_attempts, "mode": "standard"},
+            # one attempt per call: the retries are ours (a time budget, and jitter from an RNG
+            # that training seeds don't touch: botocore's draws from the global random)
+            "retries": {"total_max_attempts": 1, "mode": "standard"},
             "connect_timeout": connect_timeout_s,
             "read_timeout": read_timeout_s,
         }
@@ -310,6 +349,38 @@ class S3Storage:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(bucket={self.bucket!r}, endpoint_url={self.endpoint_url!r})"
+
+    def _retrying(self, what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``call`` until it succeeds, fails for good, or the retry budget is spent.
+
+        Raises:
+            StorageUnavailableError: Transient failures lasted the whole budget (names ``what``).
+            Exception: A non-transient failure, at once (e.g. 404, 403, 412).
+        """
+        started = time.monotonic()
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_delay(self.retry_budget_s),
+            wait=tenacity_wait(0.25, 15.0),
+            retry=tenacity.retry_if_exception(_is_transient),
+            before_sleep=lambda state: logger.warning(
+                "S3 %s failed (%s); retrying (attempt %d, %.0fs of the %.0fs budget used)",
+                what,
+                type(state.outcome.exception()).__name__,
+                state.attempt_number,
+                time.monotonic() - started,
+                self.retry_budget_s,
+            ),
+            reraise=True,
+        )
+        try:
+            return retrying(call, *args, **kwargs)
+        except Exception as exc:
+            if _is_transient(exc):
+                raise StorageUnavailableError(
+                    f"S3 unreachable for {time.monotonic() - started:.0f}s while trying to {what}"
+                    f" ({_describe(exc)}); the job will be retried"
+                ) from exc
+            raise
 
     # ----------------------------------------------------------------- naming
 
@@ -336,7 +407,10 @@ class S3Storage:
 
         Every URL is validated before anything is fetched. Each object's size is checked with
         a HEAD request before it is downloaded, and the bytes written are counted again.
-        Files are named by :func:`local_image_name`, so keys are never used as paths.
+        Files are named by :func:`local_image_name`, so keys are never used as paths. Each
+        file's type is told by its first bytes once downloaded (keys often have no extension,
+        or the wrong one) and the file gets its content's extension (``.jpg``, ``.png`` or
+        ``.webp``), so :func:`lightning_lora.data.find_style_images` lists every image.
 
         Args:
             urls: ``s3://bucket/key`` URLs, in the job's order.
@@ -352,7 +426,8 @@ class S3Storage:
         Raises:
             InvalidMessageError: ``urls`` is not a list of valid S3 URLs, or has more than
                 ``max_count`` of them.
-            InvalidImageError: An image is larger than ``max_bytes_per_file`` (names the URL).
+            InvalidImageError: An image is larger than ``max_bytes_per_file``, empty, or not a
+                JPEG, PNG or WebP (e.g. a GIF or a text file); names the URL.
             DatasetError: The images together exceed ``max_total_bytes``.
             DownloadError: An object is missing or the store is unreachable after botocore's
                 bounded retries (names the URL).
@@ -377,17 +452,25 @@ class S3Storage:
                 raise DatasetError(
                     f"training images exceed {max_total_bytes} bytes in total at {url}"
                 )
-            path = dest / local_image_name(index, key, width)
-            if path.resolve().parent != dest.resolve():  # cannot happen; defence in depth
-                raise InvalidMessageError(f"invalid S3 URL {_shown(url)}: unsafe file name")
-            total += self._get_to_file(bucket, key, url, path, max_bytes_per_file)
+            fetched = dest / f".{index:0{width}d}.download"  # hidden until its type is known
+            total += self._get_to_file(bucket, key, url, fetched, max_bytes_per_file)
+            try:
+                fmt = _image_format_of(fetched, url)
+                path = dest / local_image_name(index, key, width, fmt)
+                if path.resolve().parent != dest.resolve():  # cannot happen; defence in depth
+                    raise InvalidMessageError(f"invalid S3 URL {_shown(url)}: unsafe file name")
+                os.replace(fetched, path)
+            except OSError as exc:
+                raise DownloadError(f"could not write image {url} to disk: {exc}") from exc
+            finally:
+                fetched.unlink(missing_ok=True)
             paths.append(path)
         logger.info("downloaded %d image(s), %d bytes, into %s", len(paths), total, dest)
         return paths
 
     def _head_size(self, bucket: str, key: str, url: str) -> int:
         try:
-            head = self.client.head_object(Bucket=bucket, Key=key)
+            head = self._retrying(f"read {url}", self.client.head_object, Bucket=bucket, Key=key)
         except _BOTO_ERRORS as exc:
             raise self._download_error(url, exc) from exc
         return int(head.get("ContentLength") or 0)
@@ -395,8 +478,9 @@ class S3Storage:
     def _get_to_file(self, bucket: str, key: str, url: str, path: Path, max_bytes: int) -> int:
         """Stream one object into ``path`` (atomically), at most ``max_bytes``; return its size."""
         part = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
-        written = 0
-        try:
+
+        def attempt() -> int:
+            written = 0
             body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
             with body, part.open("wb") as out:
                 for chunk in body.iter_chunks(_CHUNK_BYTES):
@@ -406,6 +490,10 @@ class S3Storage:
                             f"image {url} is too large: more than {max_bytes} bytes"
                         )
                     out.write(chunk)
+            return written
+
+        try:
+            written = self._retrying(f"download {url}", attempt)
             os.replace(part, path)
         except _BOTO_ERRORS as exc:
             raise self._download_error(url, exc) from exc
@@ -452,8 +540,14 @@ class S3Storage:
         if extra_metadata:
             extra_args["Metadata"] = {str(k): str(v) for k, v in extra_metadata.items()}
         try:
-            self.client.upload_file(
-                str(source), self.bucket, key, ExtraArgs=extra_args, Config=self.transfer_config
+            self._retrying(
+                f"upload {url}",
+                self.client.upload_file,
+                str(source),
+                self.bucket,
+                key,
+                ExtraArgs=extra_args,
+                Config=self.transfer_config,
             )
         except _BOTO_ERRORS as exc:
             raise UploadError(f"could not upload {source.name} to {url}: {_describe(exc)}") from exc
@@ -480,7 +574,14 @@ class S3Storage:
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
         try:
-            self.client.download_file(self.bucket, key, str(part), Config=self.transfer_config)
+            self._retrying(
+                f"download {url}",
+                self.client.download_file,
+                self.bucket,
+                key,
+                str(part),
+                Config=self.transfer_config,
+            )
             os.replace(part, target)
         except _BOTO_ERRORS as exc:
             raise self._download_error(url, exc) from exc
@@ -496,7 +597,9 @@ class S3Storage:
         """
         validate_key(key)
         try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
+            self._retrying(
+                f"read {self.s3_url(key)}", self.client.head_object, Bucket=self.bucket, Key=key
+            )
         except _BOTO_ERRORS as exc:
             if _is_not_found(exc):
                 return False
@@ -511,14 +614,19 @@ class S3Storage:
         Raises:
             DownloadError: The listing failed (names the prefix).
         """
-        keys: list[str] = []
         paginator = self.client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(
-            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
-        )
-        try:
+
+        def attempt() -> list[str]:
+            keys: list[str] = []
+            pages = paginator.paginate(
+                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
+            )
             for page in pages:
                 keys.extend(item["Key"] for item in page.get("Contents", []))
+            return keys
+
+        try:
+            keys = self._retrying(f"list {self.s3_url(prefix)}", attempt)
         except _BOTO_ERRORS as exc:
             url = self.s3_url(prefix)
             raise DownloadError(f"could not list {url}: {_describe(exc)}") from exc
@@ -537,7 +645,9 @@ class S3Storage:
         for start in range(0, len(batch), 1000):
             chunk = batch[start : start + 1000]
             try:
-                response = self.client.delete_objects(
+                response = self._retrying(
+                    f"delete {self.s3_url(chunk[0])}...",
+                    self.client.delete_objects,
                     Bucket=self.bucket,
                     Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True},
                 )
@@ -552,3 +662,116 @@ class S3Storage:
                     f"{first.get('Code')} {first.get('Message')}"
                 )
         return len(batch)
+
+    # ----------------------------------------------------------------- small JSON records
+
+    def get_json(self, key: str) -> tuple[dict[str, Any], str] | None:
+        """Read a JSON object record and its ETag.
+
+        Returns:
+            ``(record, etag)``, or ``None`` when the object does not exist.
+
+        Raises:
+            DownloadError: The object is not a JSON object, or could not be read.
+            StorageUnavailableError: S3 stayed unreachable for the retry budget.
+        """
+        validate_key(key)
+        url = self.s3_url(key)
+
+        def attempt() -> tuple[bytes, str]:
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+            with response["Body"] as body:
+                return body.read(), str(response.get("ETag", ""))
+
+        try:
+            raw, etag = self._retrying(f"read {url}", attempt)
+        except _BOTO_ERRORS as exc:
+            if _is_not_found(exc):
+                return None
+            raise self._download_error(url, exc) from exc
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise DownloadError(f"record {url} is not valid JSON") from exc
+        if not isinstance(record, dict):
+            raise DownloadError(f"record {url} is not a JSON object")
+        return record, etag
+
+    def put_json(
+        self,
+        key: str,
+        record: Mapping[str, Any],
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str:
+        """Write a JSON record, optionally as a compare-and-set.
+
+        Args:
+            key: The object key.
+            record: A JSON-serialisable mapping.
+            if_none_match: Create only (``If-None-Match: *``): fail if the object exists.
+            if_match: Replace only this version (``If-Match: <etag>``).
+
+        Returns:
+            The new ETag.
+
+        Raises:
+            PreconditionFailedError: The condition did not hold (someone else wrote first).
+            UploadError: The write failed for another reason.
+            StorageUnavailableError: S3 stayed unreachable for the retry budget.
+        """
+        validate_key(key)
+        url = self.s3_url(key)
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": key,
+            "Body": json.dumps(dict(record), sort_keys=True).encode("utf-8"),
+            "ContentType": "application/json",
+        }
+        if if_none_match:
+            args["IfNoneMatch"] = "*"
+        if if_match is not None:
+            args["IfMatch"] = if_match
+        try:
+            response = self._retrying(f"write {url}", self.client.put_object, **args)
+        except _BOTO_ERRORS as exc:
+            if _is_precondition_failed(exc):
+                raise PreconditionFailedError(f"{url} was written by someone else") from exc
+            raise UploadError(f"could not write {url}: {_describe(exc)}") from exc
+        return str(response.get("ETag", ""))
+
+    def delete_key(self, key: str, *, if_match: str | None = None) -> bool:
+        """Delete one object, optionally only if it is still the given version.
+
+        Returns:
+            ``True`` when deleted (or already absent), ``False`` when ``if_match`` did not hold.
+
+        Raises:
+            UploadError: The deletion failed.
+            StorageUnavailableError: S3 stayed unreachable for the retry budget.
+        """
+        validate_key(key)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if if_match is not None:
+            args["IfMatch"] = if_match
+        try:
+            self._retrying(f"delete {self.s3_url(key)}", self.client.delete_object, **args)
+        except _BOTO_ERRORS as exc:
+            if _is_precondition_failed(exc):
+                return False
+            if _is_not_found(exc):
+                return True
+            raise UploadError(f"could not delete {self.s3_url(key)}: {_describe(exc)}") from exc
+        return True
+
+    def head_bucket(self) -> None:
+        """Check that the bucket exists and is reachable (``--check``), one attempt.
+
+        Raises:
+            DownloadError: It is missing, forbidden or unreachable (names the bucket).
+        """
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except _BOTO_ERRORS as exc:
+            raise DownloadError(f"bucket s3://{self.bucket}: {_describe(exc)}") from exc

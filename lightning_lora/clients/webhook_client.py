@@ -8,8 +8,16 @@ Three calls, all under ``{webhook_url}/api/webhooks/training/``:
 * ``POST failed``: ``{"style_id", "error_message", "error_code"}``, retried.
 
 Every call carries ``Authorization: Bearer <INTERNAL_API_TOKEN>``,
-``X-Request-Source: training-server`` and ``Content-Type: application/json``. The token never
-appears in logs, exception messages or reprs.
+``X-Request-Source: training-server`` and ``Content-Type: application/json`` (the contract), and
+also, for deduplication and authenticity (Standard Webhooks):
+
+* ``Idempotency-Key`` and ``webhook-id``: the event's id, the same for every retry and
+  redelivery of one event (a job's terminal event id is stored with its outcome);
+* ``webhook-timestamp``: the event's creation time (Unix seconds), also fixed per event;
+* ``webhook-signature``: ``v1,`` + base64 HMAC-SHA256 of ``{id}.{timestamp}.{body}`` when
+  ``WEBHOOK_SIGNING_SECRET`` is set (:func:`sign_webhook`, :func:`verify_webhook`).
+
+The token never appears in logs, exception messages or reprs.
 
 :class:`WebhookClient` makes the calls synchronously; :class:`WebhookSender` makes them from a
 daemon thread so that the training loop never waits on the network.
@@ -17,21 +25,25 @@ daemon thread so that the training loop never waits on the network.
 
 from __future__ import annotations
 
+import base64
 import collections
 import dataclasses
 import email.utils
+import hashlib
+import hmac
 import json
 import logging
 import math
 import os
-import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Self
 
 import requests
 
+from lightning_lora.jitter import RNG
 from lightning_lora.redaction import MASK, redact
 
 __all__ = [
@@ -45,6 +57,8 @@ __all__ = [
     "complete_payload",
     "failed_payload",
     "progress_payload",
+    "sign_webhook",
+    "verify_webhook",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +68,7 @@ COMPLETE_PATH = "/api/webhooks/training/complete"
 FAILED_PATH = "/api/webhooks/training/failed"
 
 TOKEN_ENV_VAR = "INTERNAL_API_TOKEN"
+SIGNING_SECRET_ENV_VAR = "WEBHOOK_SIGNING_SECRET"
 REQUEST_SOURCE = "training-server"
 MAX_ERROR_MESSAGE_CHARS = 2000
 RETRYABLE_STATUSES = frozenset({408, 429})
@@ -180,6 +195,61 @@ def failed_payload(
     }
 
 
+# --------------------------------------------------------------------------- signatures
+
+
+def _secret_bytes(secret: str) -> bytes:
+    """A Standard Webhooks secret (``whsec_<base64>``) decoded, or any other string as UTF-8."""
+    if secret.startswith("whsec_"):
+        return base64.b64decode(secret.removeprefix("whsec_"))
+    return secret.encode("utf-8")
+
+
+def sign_webhook(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header value: ``v1,`` + base64 HMAC-SHA256 of ``id.ts.body``.
+
+    Args:
+        secret: ``WEBHOOK_SIGNING_SECRET`` (``whsec_<base64>`` or any string).
+        event_id: The ``webhook-id``.
+        timestamp: The ``webhook-timestamp``.
+        body: The exact request body.
+    """
+    signed = f"{event_id}.{timestamp}.".encode() + body
+    digest = hmac.new(_secret_bytes(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode("ascii")
+
+
+def verify_webhook(
+    secret: str, headers: Mapping[str, str], body: bytes, tolerance_s: float | None = 300
+) -> bool:
+    """Check a received webhook's signature (what the backend does; used by the tests).
+
+    Args:
+        secret: The shared signing secret.
+        headers: The request headers (looked up case-insensitively).
+        body: The raw body.
+        tolerance_s: Largest accepted age of ``webhook-timestamp`` (``None``: any age; retries
+            of an old event keep its timestamp, so a backend that wants them sets ``None``).
+
+    Returns:
+        Whether one of the ``v1`` signatures matches.
+    """
+    lower = {k.lower(): v for k, v in headers.items()}
+    event_id, stamp = lower.get("webhook-id", ""), lower.get("webhook-timestamp", "")
+    if not event_id or not stamp.isdigit():
+        return False
+    if tolerance_s is not None and abs(time.time() - int(stamp)) > tolerance_s:
+        return False
+    expected = sign_webhook(secret, event_id, int(stamp), body)
+    offered = lower.get("webhook-signature", "").split()
+    return any(hmac.compare_digest(expected, candidate) for candidate in offered)
+
+
+def new_event_id() -> str:
+    """A fresh event id (progress reports; terminal events derive theirs from the run)."""
+    return "evt_" + uuid.uuid4().hex
+
+
 # --------------------------------------------------------------------------- client
 
 
@@ -209,7 +279,10 @@ class WebhookClient:
     Args:
         base_url: The job's ``webhook_url``, e.g. ``http://backend:8000``.
         token: Bearer token; when ``None`` the ``INTERNAL_API_TOKEN`` environment variable is
-            read at every call.
+            read at every call. Surrounding whitespace is stripped (secret files often end in a
+            newline).
+        signing_secret: HMAC secret of ``webhook-signature``; ``WEBHOOK_SIGNING_SECRET`` is read
+            at every call when ``None``; no signature when neither is set.
         timeout_s: Connect and read timeout of each request.
         max_attempts: Most attempts of a retried call (complete, failed).
         max_total_s: Most seconds a retried call may take, waits included.
@@ -223,6 +296,7 @@ class WebhookClient:
         base_url: str,
         token: str | None = None,
         timeout_s: float = 10.0,
+        signing_secret: str | None = None,
         max_attempts: int = 6,
         max_total_s: float = 120.0,
         backoff_base_s: float = 0.5,
@@ -236,7 +310,8 @@ class WebhookClient:
         if timeout_s <= 0 or max_total_s <= 0:
             raise ValueError("timeout_s and max_total_s must be positive")
         self.base_url = base_url.rstrip("/")
-        self._token = token
+        self._token = token.strip() if token is not None else None
+        self._signing_secret = signing_secret
         self.timeout_s = float(timeout_s)
         self.max_attempts = int(max_attempts)
         self.max_total_s = float(max_total_s)
@@ -289,13 +364,20 @@ class WebhookClient:
             logger.warning("progress webhook not sent: %s", redact(repr(exc)))
             return False
 
-    def send_complete(self, style_id: int, model_url: str, metadata: Mapping[str, Any]) -> bool:
+    def send_complete(
+        self,
+        style_id: int,
+        model_url: str,
+        metadata: Mapping[str, Any],
+        event_id: str | None = None,
+    ) -> bool:
         """Report a finished training, retrying transient failures.
 
         Args:
             style_id: The style trained.
             model_url: ``s3://bucket/key`` of the final LoRA.
             metadata: Training facts (``training_epochs``, ``lora_rank``, ``lora_alpha``...).
+            event_id: The event's id, fixed across retries and redeliveries (new if ``None``).
 
         Returns:
             Whether the backend acknowledged it (2xx).
@@ -304,15 +386,18 @@ class WebhookClient:
             TypeError, ValueError: The arguments cannot form a valid payload.
         """
         payload = complete_payload(style_id, model_url, metadata)
-        return self.send("POST", COMPLETE_PATH, payload, retry=True)
+        return self.send("POST", COMPLETE_PATH, payload, retry=True, event_id=event_id)
 
-    def send_failed(self, style_id: int, error_message: str, error_code: str) -> bool:
+    def send_failed(
+        self, style_id: int, error_message: str, error_code: str, event_id: str | None = None
+    ) -> bool:
         """Report a failed training, retrying transient failures.
 
         Args:
             style_id: The style whose training failed.
             error_message: Reason; redacted and truncated before sending.
             error_code: Machine-readable failure code.
+            event_id: The event's id, fixed across retries and redeliveries (new if ``None``).
 
         Returns:
             Whether the backend acknowledged it (2xx).
@@ -321,9 +406,19 @@ class WebhookClient:
             TypeError: ``style_id`` is not an int.
         """
         payload = failed_payload(style_id, error_message, error_code, self._secrets())
-        return self.send("POST", FAILED_PATH, payload, retry=True)
+        return self.send("POST", FAILED_PATH, payload, retry=True, event_id=event_id)
 
-    def send(self, method: str, path: str, payload: Mapping[str, Any], *, retry: bool) -> bool:
+    def send(
+        self,
+        method: str,
+        path: str,
+        payload: Mapping[str, Any],
+        *,
+        retry: bool,
+        event_id: str | None = None,
+        timestamp: int | None = None,
+        max_total_s: float | None = None,
+    ) -> bool:
         """Send one JSON webhook; never raises on network or HTTP errors.
 
         Args:
@@ -333,14 +428,24 @@ class WebhookClient:
             retry: Whether to retry transient failures (connection errors, timeouts, 5xx, 408,
                 429) with exponential backoff and full jitter, within ``max_attempts`` and
                 ``max_total_s``.
+            event_id: The event's id (``Idempotency-Key``/``webhook-id``); a new one if ``None``.
+            timestamp: The event's creation time (``webhook-timestamp``); now if ``None``.
+            max_total_s: This call's time budget instead of the client's.
 
         Returns:
             Whether the backend answered 2xx.
         """
-        body = json.dumps(payload, allow_nan=False).encode("utf-8")
-        label = f"{method} {path} (style {payload.get('style_id')})"
+        # The retry loop is hand-written rather than tenacity: each attempt's timeout is cut to
+        # the time left in the budget, and a small Retry-After replaces the backoff.
+        # canonical (sorted keys): every re-send of one event has the very same bytes
+        body = json.dumps(payload, allow_nan=False, sort_keys=True).encode("utf-8")
+        event_id = event_id or new_event_id()
+        timestamp = int(time.time()) if timestamp is None else int(timestamp)
+        headers = self._headers(event_id, timestamp, body)
+        label = f"{method} {path} (style {payload.get('style_id')}, event {event_id})"
         max_attempts = self.max_attempts if retry else 1
-        deadline = time.monotonic() + self.max_total_s
+        budget = self.max_total_s if max_total_s is None else max_total_s
+        deadline = time.monotonic() + budget
         outcome = "no time left to attempt"
         attempts = 0
         for attempt in range(1, max_attempts + 1):
@@ -349,7 +454,7 @@ class WebhookClient:
                 break
             attempts = attempt
             ok, retryable, outcome, response = self._attempt(
-                method, path, body, min(self.timeout_s, remaining)
+                method, path, body, headers, min(self.timeout_s, remaining)
             )
             if ok:
                 self._log_success(label, attempt, retry)
@@ -371,20 +476,33 @@ class WebhookClient:
 
     def _secrets(self) -> tuple[str, ...]:
         """Secrets held by this client that :func:`redact` may not know of."""
-        return (self._token,) if self._token else ()
+        return tuple(s for s in (self._token, self._signing_secret) if s)
 
-    def _headers(self) -> dict[str, str]:
-        token = self._token if self._token is not None else os.environ.get(TOKEN_ENV_VAR, "")
-        headers = {"Content-Type": "application/json", "X-Request-Source": REQUEST_SOURCE}
+    def _headers(self, event_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+        token = self._token
+        if token is None:
+            token = os.environ.get(TOKEN_ENV_VAR, "").strip()
+        headers = {
+            "Content-Type": "application/json",
+            "X-Request-Source": REQUEST_SOURCE,
+            "Idempotency-Key": event_id,
+            "webhook-id": event_id,
+            "webhook-timestamp": str(timestamp),
+        }
         if token:
             headers["Authorization"] = f"Bearer {token}"
         elif not self._warned_no_token:
             self._warned_no_token = True
             logger.warning("%s is not set: webhooks are sent without Authorization", TOKEN_ENV_VAR)
+        secret = self._signing_secret
+        if secret is None:
+            secret = os.environ.get(SIGNING_SECRET_ENV_VAR, "").strip()
+        if secret:
+            headers["webhook-signature"] = sign_webhook(secret, event_id, timestamp, body)
         return headers
 
     def _attempt(
-        self, method: str, path: str, body: bytes, timeout_s: float
+        self, method: str, path: str, body: bytes, headers: Mapping[str, str], timeout_s: float
     ) -> tuple[bool, bool, str, requests.Response | None]:
         """Make one request.
 
@@ -396,7 +514,7 @@ class WebhookClient:
                 method,
                 self.base_url + path,
                 data=body,
-                headers=self._headers(),
+                headers=dict(headers),
                 timeout=(timeout_s, timeout_s),
                 allow_redirects=False,
             )
@@ -418,7 +536,7 @@ class WebhookClient:
             if retry_after is not None and retry_after <= self.backoff_max_s:
                 return retry_after
         ceiling = min(self.backoff_max_s, self.backoff_base_s * (2 ** (attempt - 1)))
-        return random.uniform(0.0, max(0.0, ceiling))
+        return RNG.uniform(0.0, max(0.0, ceiling))
 
     def _log_success(self, label: str, attempt: int, retry: bool) -> None:
         if retry:
@@ -450,6 +568,8 @@ class _Job:
     method: str
     path: str
     payload: dict[str, Any]
+    event_id: str = dataclasses.field(default_factory=new_event_id)
+    timestamp: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     @property
     def reliable(self) -> bool:
@@ -638,7 +758,14 @@ class WebhookSender:
                 return
             ok = False
             try:
-                ok = self.client.send(job.method, job.path, job.payload, retry=job.reliable)
+                ok = self.client.send(
+                    job.method,
+                    job.path,
+                    job.payload,
+                    retry=job.reliable,
+                    event_id=job.event_id,
+                    timestamp=job.timestamp,
+                )
             except Exception as exc:
                 logger.error("webhook %s failed unexpectedly: %s", job.kind, redact(repr(exc)))
             finally:

@@ -1,144 +1,89 @@
-"""The queue runner: a RabbitMQ job in, a trained LoRA in S3 and webhooks to the backend out.
+"""The queue runner: a RabbitMQ job in, a trained LoRA in S3 and one terminal webhook out.
 
-``lightning-lora-worker`` composes ``configs/worker.yaml``, loads nothing until the first job,
-then for every message:
+``lightning-lora-worker`` composes ``configs/worker.yaml`` (the training config plus a
+``worker:`` section), checks every setting, loads nothing until the first job, then for every
+message:
 
 1. validates it (:mod:`lightning_lora.worker.messages`); an invalid message is dead-lettered
-   with a log line naming the field, and a failure webhook (``INVALID_MESSAGE``) when its
-   ``style_id`` and ``webhook_url`` are usable and allow-listed;
-2. refuses a ``webhook_url`` outside the allowlist (no request is sent to it; dead-lettered);
-3. downloads the images into a per-job temporary folder (collision-free names, count and byte
-   limits), removed after the job whatever happens;
-4. turns the job into Hydra overrides of the same training config a researcher uses and runs
-   :func:`lightning_lora.reporting.run_reported_training` (progress webhooks, S3 checkpoints,
-   resume from S3, final upload, exactly one completion or failure webhook);
-5. acks when the outcome is settled; dead-letters a failed job; requeues a job interrupted by a
-   shutdown after it checkpointed to S3.
+   with its reason, and reported (``INVALID_MESSAGE``) when its ``style_id`` and
+   ``webhook_url`` are usable and allow-listed; a ``webhook_url`` outside the allowlist gets no
+   request at all;
+2. finds the job's run in S3 (:class:`~lightning_lora.worker.ledger.Ledger`): a redelivery of a
+   reported run acks without training (re-sending the outcome if the backend has not
+   acknowledged it), a new publication of the same body is a new run;
+3. takes the run's lease, so no other live worker trains it at the same time (waiting while
+   one does); a run taken over after more than ``RABBITMQ_DELIVERY_LIMIT`` crashes is poison;
+4. downloads the images into a job folder (content-typed names, count and byte limits), writes
+   the job's captions as plain text, sets the job's numbers on a copy of the training config
+   (nothing from a message is parsed or resolved) and runs
+   :func:`lightning_lora.reporting.run_reported_training`;
+5. settles the message: ack when reported, dead-letter a failed job, requeue one interrupted by
+   a shutdown or by S3 being down for the whole retry budget (the finished LoRA is kept).
 
-The base model is loaded once per process (``load_components`` keeps it) and each job gets a
-freshly initialised LoRA (``inject_lora``), so nothing carries over from one job to the next.
+The terminal webhook goes through :class:`~lightning_lora.worker.outbox.DurableSink`: created
+once in S3, re-sent by every worker's outbox until the backend answers 2xx.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
+import copy
 import json
 import logging
 import os
-import re
 import shutil
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_lora.errors import (
     InvalidMessageError,
     JobCrashedError,
     JobInterrupted,
+    StorageUnavailableError,
     error_code_of,
 )
-from lightning_lora.redaction import install_redaction, redact
-from lightning_lora.worker.consumer import BrokerSettings, Consumer, Delivery, Outcome
+from lightning_lora.job_report import JobReport
+from lightning_lora.layout import job_key_for, outbox_key
+from lightning_lora.redaction import redact
+from lightning_lora.worker.consumer import Delivery, Outcome, Settlement
+from lightning_lora.worker.jobdirs import OWNER_FILE, make_job_dir
+from lightning_lora.worker.ledger import Lease, LeaseBusy, Ledger, RunRef
 from lightning_lora.worker.messages import (
     TrainingJob,
-    job_to_overrides,
+    job_settings,
     parse_job,
     peek_identity,
     webhook_allowed,
 )
+from lightning_lora.worker.outbox import DeadLetter, DurableSink, Outbox
+from lightning_lora.worker.settings import WorkerSettings
+
+__all__ = ["InterruptOnStop", "JobTimings", "TrainingWorker", "split_config"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class WorkerSettings:
-    """What the worker needs besides the broker (from ``configs/worker.yaml`` + environment).
-
-    Attributes:
-        train_overrides: Overrides of ``configs/train.yaml`` applied to every job.
-        webhook_allowlist: Hosts, ``host:port`` or base URLs a job's webhook may target.
-        allowed_buckets: Buckets images may come from (empty: any).
-        max_images: Most image URLs per job.
-        max_image_bytes: Largest image file.
-        max_total_bytes: Largest total download per job.
-        max_message_bytes: Largest message body.
-        grace_period_s: Time a running job gets to checkpoint on shutdown.
-        work_dir: Parent of the per-job folders (``None``: system temp).
-        resume_from_s3: Resume redelivered jobs from their newest S3 checkpoint.
-    """
-
-    train_overrides: list[str] = field(default_factory=lambda: ["callbacks=production"])
-    webhook_allowlist: list[str] = field(default_factory=list)
-    allowed_buckets: list[str] = field(default_factory=list)
-    max_images: int = 100
-    max_image_bytes: int = 20_000_000
-    max_total_bytes: int = 500_000_000
-    max_message_bytes: int = 1_000_000
-    grace_period_s: float = 120.0
-    work_dir: str | None = None
-    resume_from_s3: bool = True
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig, env: dict[str, str] | None = None) -> WorkerSettings:
-        """Settings from the composed ``worker.yaml``.
-
-        ``WEBHOOK_ALLOWLIST`` and ``S3_ALLOWED_BUCKETS`` (comma-separated) extend the lists.
-        """
-        env = dict(os.environ if env is None else env)
-        plain: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-        limits = plain.pop("limits", {}) or {}
-
-        def merged(key: str, env_name: str) -> list[str]:
-            extra = [v.strip() for v in env.get(env_name, "").split(",") if v.strip()]
-            return [*(plain.get(key) or []), *extra]
-
-        return cls(
-            train_overrides=list(plain.get("train_overrides") or []),
-            webhook_allowlist=merged("webhook_allowlist", "WEBHOOK_ALLOWLIST"),
-            allowed_buckets=merged("allowed_buckets", "S3_ALLOWED_BUCKETS"),
-            grace_period_s=float(plain.get("grace_period_s", 120.0)),
-            work_dir=plain.get("work_dir"),
-            resume_from_s3=bool(plain.get("resume_from_s3", True)),
-            **{k: int(v) for k, v in limits.items()},
-        )
-
-
-#: Written under the run's checkpoint prefix once the job is done and its completion was sent
-#: (or given up after the retry budget).
-COMPLETED_MARKER = "completed.json"
-
-
-def job_run_id(delivery: Delivery) -> str:
-    """A job's identity across redeliveries: its AMQP message id, else a hash of its body.
-
-    Checkpoints and the completion marker are kept per run id, so a redelivered job resumes
-    its own checkpoints and a new job for the same style starts fresh.
-    """
-    message_id = delivery.message_id or ""
-    if re.fullmatch(r"[A-Za-z0-9._-]{1,80}", message_id) and message_id not in {".", ".."}:
-        return message_id
-    return "sha-" + hashlib.sha256(delivery.body).hexdigest()[:32]
-
-
 class InterruptOnStop(L.Callback):
-    """Ends training at the next epoch end once a stop is requested, after an S3 checkpoint.
+    """Ends training when the worker stops (after an S3 checkpoint) or loses the job's lease.
 
-    Raises :class:`JobInterrupted` (not a failure: no failure webhook) so that the worker
+    Raises :class:`JobInterrupted` (not a failure: nothing is reported) so that the worker
     requeues the message; the redelivered job resumes from the checkpoint.
     """
 
-    def __init__(self, stop: threading.Event) -> None:
-        """Watch ``stop`` (the consumer's shutdown event)."""
+    def __init__(self, stop: threading.Event, lease: Lease | None = None) -> None:
+        """Watch ``stop`` (the consumer's shutdown event) and ``lease.lost``."""
         self.stop = stop
+        self.lease = lease
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.lease is not None and self.lease.lost.is_set():
+            raise JobInterrupted("another worker took over the job's lease; stopped")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.stop.is_set():
@@ -152,6 +97,18 @@ class InterruptOnStop(L.Callback):
         raise JobInterrupted(
             f"worker shutting down: stopped after epoch {trainer.current_epoch + 1}, checkpointed"
         )
+
+
+class _ProgressGauge(L.Callback):
+    """Feeds the metrics' current-job progress gauge (share of optimizer steps done)."""
+
+    def __init__(self, metrics: Any) -> None:
+        self.metrics = metrics
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        total = float(trainer.estimated_stepping_batches or 0)
+        if total > 0:
+            self.metrics.set_progress(min(1.0, trainer.global_step / total))
 
 
 @dataclass
@@ -172,32 +129,113 @@ class JobTimings:
         )
 
 
+def split_config(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
+    """The training config and the plain ``worker:`` section of a composed worker config."""
+    train_cfg = copy.deepcopy(cfg)
+    with open_dict(train_cfg):
+        section = train_cfg.pop("worker", None)
+    plain = OmegaConf.to_container(section, resolve=True) if section is not None else {}
+    return train_cfg, dict(plain or {})  # type: ignore[arg-type]
+
+
 class TrainingWorker:
-    """Turns deliveries into reported trainings. One instance per worker process."""
+    """Turns deliveries into reported trainings. One instance per worker process.
 
-    def __init__(self, settings: WorkerSettings, storage: Any | None = None) -> None:
-        """Configure.
+    Args:
+        train_cfg: The composed training config every job starts from (a copy per job).
+        settings: Worker settings.
+        storage: An :class:`~lightning_lora.clients.storage.S3Storage` (built from the
+            settings on first use when ``None``).
+        delivery_limit: Attempts after which a job is poison (``RABBITMQ_DELIVERY_LIMIT``).
+        callbacks: More training callbacks for every job (tests and plugins).
+        metrics: A :class:`~lightning_lora.worker.ops.WorkerMetrics`, or ``None``.
+        dead_letter: Publishes a body to the DLQ (the outbox, past its window).
+    """
 
-        Args:
-            settings: Worker settings.
-            storage: An :class:`~lightning_lora.clients.storage.S3Storage` (built from the
-                environment on first use when ``None``).
-        """
+    def __init__(
+        self,
+        train_cfg: DictConfig,
+        settings: WorkerSettings,
+        storage: Any | None = None,
+        *,
+        delivery_limit: int = 3,
+        callbacks: Sequence[L.Callback] = (),
+        metrics: Any | None = None,
+        dead_letter: DeadLetter | None = None,
+    ) -> None:
+        self.train_cfg = train_cfg
         self.settings = settings
         self._storage = storage
+        self.delivery_limit = delivery_limit
+        self.callbacks = list(callbacks)
+        self.metrics = metrics
+        self.dead_letter = dead_letter
         self.jobs_done = 0
+        self.last_timings: JobTimings | None = None
+        self._ledger: Ledger | None = None
+        self._outbox: Outbox | None = None
 
+    # ------------------------------------------------------------------ shared parts
     @property
     def storage(self) -> Any:
         """The bucket (``S3_BUCKET``, ``S3_ENDPOINT_URL``, AWS credentials from the env)."""
         if self._storage is None:
             from lightning_lora.clients.storage import S3Storage
 
-            self._storage = S3Storage()
+            self._storage = S3Storage(
+                self.settings.s3_bucket, retry_budget_s=self.settings.s3_retry_budget_s
+            )
         return self._storage
 
+    @property
+    def ledger(self) -> Ledger:
+        """The fleet's job state in the bucket."""
+        if self._ledger is None:
+            self._ledger = Ledger(self.storage, lease_ttl_s=self.settings.lease_ttl_s)
+        return self._ledger
+
+    @property
+    def outbox(self) -> Outbox:
+        """The outbox of pending terminal webhooks (started by the CLI)."""
+        if self._outbox is None:
+            s = self.settings
+            self._outbox = Outbox(
+                self.storage,
+                self.ledger,
+                self._client,
+                s.webhook_allowlist,
+                window_s=s.outbox_window_s,
+                poll_s=s.outbox_poll_s,
+                backoff_base_s=s.outbox_backoff_base_s,
+                backoff_max_s=s.outbox_backoff_max_s,
+                dead_letter=self.dead_letter,
+            )
+        return self._outbox
+
+    def _client(self, webhook_url: str) -> Any:
+        from lightning_lora.reporting import _partial
+
+        factory = _partial(self.train_cfg, "client", None)
+        if factory is None:
+            from lightning_lora.clients.webhook_client import WebhookClient
+
+            factory = WebhookClient
+        secret = self.settings.webhook_signing_secret
+        return factory(
+            webhook_url,
+            token=self.settings.internal_api_token.get_secret_value(),
+            signing_secret=secret.get_secret_value() if secret is not None else None,
+        )
+
+    def _report(self, job_url: str, run: RunRef, body: bytes, rewrite: Any = None) -> JobReport:
+        from lightning_lora.clients.webhook_client import WebhookSender
+
+        sender = WebhookSender(self._client(job_url))
+        sink = DurableSink(self.ledger, run, job_url, self._client(job_url), body, sender)
+        return JobReport(sender, run.style_id, terminal=sink, rewrite=rewrite)
+
     # ------------------------------------------------------------------ entry points
-    def handle(self, delivery: Delivery) -> Outcome:
+    def handle(self, delivery: Delivery) -> Settlement:
         """Run one job to a settled outcome (the consumer's handler)."""
         started = time.monotonic()
         timings = JobTimings()
@@ -211,152 +249,225 @@ class TrainingWorker:
             )
         except InvalidMessageError as exc:
             log.error("message %s dead-lettered: %s", delivery.message_id, exc)
-            self._report_unparsed(delivery.body, exc)
-            return Outcome.REJECT
+            self._report_unparsed(delivery, exc)
+            return Settlement(Outcome.REJECT, str(exc), exc.error_code)
         if not webhook_allowed(job.webhook_url, self.settings.webhook_allowlist):
-            log.error(
-                "job %s (style %s) dead-lettered: field 'webhook_url': host not in the webhook "
-                "allowlist (WEBHOOK_ALLOWLIST); no request was sent to it",
-                job.job_id,
-                job.style_id,
+            reason = (
+                "field 'webhook_url': host not in the webhook allowlist (WEBHOOK_ALLOWLIST); no "
+                "request was sent to it"
             )
-            return Outcome.REJECT
+            log.error("job %s (style %s) dead-lettered: %s", job.job_id, job.style_id, reason)
+            return Settlement(Outcome.REJECT, reason, "INVALID_MESSAGE")
         log.info("job %s: style %s, %d image(s)", job.job_id, job.style_id, len(job.image_urls))
+        if self.metrics is not None:
+            self.metrics.job_started()
+        settlement = Settlement(Outcome.REQUEUE)
         try:
-            return self._run(job, delivery, timings)
+            settlement = self._claim_and_run(job, delivery, timings)
+            return settlement
+        except StorageUnavailableError as exc:
+            log.error("job %s requeued: %s", job.job_id, redact(str(exc)))
+            settlement = Settlement(Outcome.REQUEUE)
+            return settlement
         finally:
             timings.total_s = time.monotonic() - started
+            self.last_timings = timings
             log.info("job %s timings: %s", job.job_id, timings.line())
+            self._count(settlement, timings.total_s)
+
+    def _count(self, settlement: Settlement, duration_s: float) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.set_progress(0.0)
+        if settlement.outcome is Outcome.ACK:
+            self.metrics.job_completed(duration_s)
+        elif settlement.outcome is Outcome.REJECT:
+            self.metrics.job_failed(settlement.error_code or "TRAINING_FAILED", duration_s)
+        else:
+            self.metrics.job_requeued(duration_s)
 
     def on_poison(self, delivery: Delivery) -> None:
-        """A message that reached the redelivery limit: report it failed (it is dead-lettered)."""
+        """A message the broker counted past the delivery limit: report it failed once."""
         try:
             job = parse_job(
-                delivery.body,
-                max_images=self.settings.max_images,
-                max_body_bytes=self.settings.max_message_bytes,
+                delivery.body, self.settings.max_images, self.settings.max_message_bytes
             )
         except InvalidMessageError:
             return
         if not webhook_allowed(job.webhook_url, self.settings.webhook_allowlist):
             return
-        exc = JobCrashedError(
-            f"job {job.job_id} was delivered {delivery.delivery_count} times without finishing "
+        key = job_key_for(delivery.message_id, delivery.body)
+        run = self.ledger.resolve_run(job.style_id, key, new_publication=False)
+        self._report(job.webhook_url, run, delivery.body).fail(
+            self._crashed(job, delivery.delivery_count)
+        )
+
+    @staticmethod
+    def _crashed(job: TrainingJob, times: int) -> JobCrashedError:
+        return JobCrashedError(
+            f"job {job.job_id} was delivered {times} times without finishing "
             "(the worker crashed or was killed each time); dead-lettered"
         )
-        self._send_failure(job.webhook_url, job.style_id, exc)
+
+    # ------------------------------------------------------------------ runs and leases
+    def _claim_and_run(
+        self, job: TrainingJob, delivery: Delivery, timings: JobTimings
+    ) -> Settlement:
+        key = job_key_for(delivery.message_id, delivery.body)
+        fresh = delivery.message_id is None and not delivery.redelivered
+        run = self.ledger.resolve_run(
+            job.style_id, key, new_publication=fresh and delivery.delivery_count == 0
+        )
+        waited = False
+        while True:
+            found = self.ledger.outcome(run)
+            if found is not None:
+                return self._already_reported(job, run, found[0])
+            try:
+                lease = self.ledger.acquire(run)
+                break
+            except LeaseBusy as busy:
+                if not waited:
+                    log.warning(
+                        "job %s (run %s) is being trained by %s; waiting for it to finish or "
+                        "its lease to expire",
+                        job.job_id,
+                        run.run_id,
+                        busy.holder.worker_id,
+                    )
+                    waited = True
+                if delivery.stop_requested.wait(max(0.2, min(5.0, self.settings.lease_ttl_s / 4))):
+                    return Settlement(Outcome.REQUEUE)
+        crashes = max(lease.attempts - 1, delivery.delivery_count)
+        if crashes >= self.delivery_limit:
+            log.error(
+                "job %s (run %s): %d attempts crashed; poison", job.job_id, run.run_id, crashes
+            )
+            self._report(job.webhook_url, run, delivery.body).fail(self._crashed(job, crashes))
+            lease.release(finished=True)
+            return Settlement(Outcome.REJECT, f"{crashes} attempts crashed", "REDELIVERY_LIMIT")
+        finished = False
+        try:
+            settlement = self._run(job, delivery, run, lease, timings)
+            finished = settlement.outcome is not Outcome.REQUEUE
+            return settlement
+        finally:
+            lease.release(finished=finished)
+
+    def _already_reported(
+        self, job: TrainingJob, run: RunRef, outcome: dict[str, Any]
+    ) -> Settlement:
+        kind = str(outcome.get("kind"))
+        if not outcome.get("delivered"):
+            log.warning("job %s (run %s): re-sending its %s webhook", job.job_id, run.run_id, kind)
+            if self.storage.get_json(outbox_key(run.style_id, run.run_id)) is None:
+                self.ledger.queue_outbox(run, outcome)
+            self.outbox.attempt(outbox_key(run.style_id, run.run_id), force=True)
+        else:
+            log.warning(
+                "job %s (run %s) already reported (%s): acknowledging without training",
+                job.job_id,
+                run.run_id,
+                kind,
+            )
+        if kind == "complete":
+            return Settlement(Outcome.ACK)
+        code = str((outcome.get("payload") or {}).get("error_code") or "TRAINING_FAILED")
+        return Settlement(Outcome.REJECT, "the job failed earlier", code)
 
     # ------------------------------------------------------------------ the job
-    def _run(self, job: TrainingJob, delivery: Delivery, timings: JobTimings) -> Outcome:
-        from lightning_lora.clients.storage import checkpoint_prefix, model_key
-        from lightning_lora.reporting import build_sender, run_reported_training
-        from lightning_lora.train import compose_config
+    def _job_dir(self, run: RunRef) -> Path:
+        """This process's folder for the run: kept across a requeue, else a new one."""
+        parent = Path(self.settings.work_dir) if self.settings.work_dir else None
+        base = parent or Path(os.environ.get("TMPDIR") or "/tmp")
+        for folder in sorted(base.glob(f"ll-job-{run.run_id}-*")):
+            try:
+                owner = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if owner.get("pid") == os.getpid():
+                return folder
+        return make_job_dir(parent, run.run_id)
 
-        run_id = job_run_id(delivery)
-        marker = checkpoint_prefix(job.style_id, run_id) + COMPLETED_MARKER
-        if self._exists(marker):
-            log.warning(
-                "job %s (run %s) already completed: acknowledging without training",
-                job.job_id,
-                run_id,
-            )
-            return Outcome.ACK
-        job_dir = Path(
-            tempfile.mkdtemp(prefix=f"ll-job-{job.style_id}-", dir=self.settings.work_dir)
-        )
-        sender = None
+    def _run(
+        self, job: TrainingJob, delivery: Delivery, run: RunRef, lease: Lease, timings: JobTimings
+    ) -> Settlement:
+        from lightning_lora.reporting import run_reported_training
+
+        job_dir = self._job_dir(run)
+        public = _PublicNames(job_dir)
+        report = self._report(job.webhook_url, run, delivery.body, rewrite=public)
+        keep_dir = False
         try:
-            cfg = compose_config(
-                [
-                    *self.settings.train_overrides,
-                    *job_to_overrides(job),
-                    f"data.image_dir={job_dir / 'images'}",
-                ],
-                output_dir=job_dir / "run",
-            )
-            sender = build_sender(job.webhook_url, cfg)
             t0 = time.monotonic()
             try:
-                self._download(job, job_dir / "images")
+                self._download(job, job_dir / "images", public)
+            except StorageUnavailableError:
+                raise
             except Exception as exc:
-                log.error("job %s: download failed: %s", job.job_id, redact(str(exc)))
-                sender.post_failed(job.style_id, redact(str(exc)), error_code_of(exc))
-                return Outcome.REJECT
+                report.fail(exc)
+                return Settlement(Outcome.REJECT, public(str(exc)), error_code_of(exc))
             finally:
                 timings.download_s = time.monotonic() - t0
+            cfg = self.job_config(job, job_dir)
+            extra: list[L.Callback] = [InterruptOnStop(delivery.stop_requested, lease)]
+            if self.metrics is not None:
+                extra.append(_ProgressGauge(self.metrics))
             t0 = time.monotonic()
             try:
                 result = run_reported_training(
                     cfg,
-                    job.style_id,
-                    sender,
+                    report,
                     self.storage,
-                    callbacks=[InterruptOnStop(delivery.stop_requested)],
+                    callbacks=[*extra, *self.callbacks],
                     resume=self.settings.resume_from_s3,
                     work_dir=job_dir / "resume",
-                    run_id=run_id,
+                    run_id=run.run_id,
                 )
+            except StorageUnavailableError as exc:
+                keep_dir = True  # the finished LoRA (if any) is uploaded on the next delivery
+                log.error("job %s requeued: %s", job.job_id, redact(str(exc)))
+                return Settlement(Outcome.REQUEUE)
             except JobInterrupted as exc:
                 log.warning("job %s requeued: %s", job.job_id, exc)
-                return Outcome.REQUEUE
+                return Settlement(Outcome.REQUEUE)
             except Exception as exc:
-                log.error(
-                    "job %s failed (%s): %s", job.job_id, error_code_of(exc), redact(str(exc))
-                )
-                return Outcome.REJECT
+                code = error_code_of(exc)
+                log.error("job %s failed (%s): %s", job.job_id, code, public(redact(str(exc))))
+                return Settlement(Outcome.REJECT, public(redact(str(exc)))[:500], code)
             finally:
                 elapsed = time.monotonic() - t0
             timings.training_s = float(result.metrics.get("train_seconds", elapsed))
             timings.upload_s = float(result.metrics.get("upload_seconds", 0.0))
             timings.upload_and_report_s = max(0.0, elapsed - timings.training_s)
-            stats = sender.stats
-            if stats.reliable_sent < stats.reliable_posted:
-                # The backend did not take the completion within its retry budget. The LoRA is in
-                # S3 and the job is done: acked (requeueing would retrain and could end in a
-                # REDELIVERY_LIMIT failure for a model that exists). See docs/RELIABILITY.md.
-                log.error(
-                    "job %s: completion webhook not delivered (the LoRA is at %s)",
-                    job.job_id,
-                    self.storage.s3_url(model_key(job.style_id)),
-                )
-            self._mark_completed(job, run_id, marker, job_dir)
+            self._drop_checkpoints(run)
             self.jobs_done += 1
-            return Outcome.ACK
+            return Settlement(Outcome.ACK)
         finally:
-            if sender is not None:
-                sender.close(timeout_s=30.0)
-            shutil.rmtree(job_dir, ignore_errors=True)
+            report.sender.close(timeout_s=30.0)
+            if not keep_dir:
+                shutil.rmtree(job_dir, ignore_errors=True)
 
-    def _exists(self, key: str) -> bool:
-        try:
-            return bool(self.storage.exists(key))
-        except Exception as exc:  # an unreachable store fails the download step with its code
-            log.warning("could not check %s: %s", key, redact(str(exc)))
-            return False
+    def job_config(self, job: TrainingJob, job_dir: Path) -> DictConfig:
+        """A copy of the training config with the job's folders and numbers set as values."""
+        cfg = copy.deepcopy(self.train_cfg)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(job_dir / "run")
+            cfg.data.image_dir = str(job_dir / "images")
+            for key, value in job_settings(job).items():
+                OmegaConf.update(cfg, key, value, merge=False)
+        return cfg
 
-    def _mark_completed(self, job: TrainingJob, run_id: str, marker: str, job_dir: Path) -> None:
-        """Record the completion and drop the run's checkpoints.
-
-        A redelivery of the same message then acks without training again. Best effort: a
-        failure is logged, the job stays completed.
-        """
+    def _drop_checkpoints(self, run: RunRef) -> None:
         from lightning_lora.callbacks.s3_checkpoint import list_checkpoints
 
         try:
-            path = job_dir / COMPLETED_MARKER
-            path.write_text(
-                json.dumps(
-                    {"style_id": job.style_id, "run_id": run_id, "completed_at": time.time()}
-                ),
-                encoding="utf-8",
-            )
-            self.storage.upload_file(path, marker)
-            self.storage.delete_keys(list_checkpoints(self.storage, job.style_id, run_id))
-        except Exception as exc:
-            log.warning("job %s: completion marker not written: %s", job.job_id, redact(str(exc)))
+            self.storage.delete_keys(list_checkpoints(self.storage, run.style_id, run.run_id))
+        except Exception as exc:  # they are small; a later cleanup can remove them
+            log.warning("run %s: checkpoints not deleted: %s", run.run_id, redact(str(exc)))
 
-    def _download(self, job: TrainingJob, dest: Path) -> None:
-        """Fetch the images and write the job's captions beside them."""
+    def _download(self, job: TrainingJob, dest: Path, public: _PublicNames) -> None:
+        """Fetch the images and write the job's captions beside them, as plain text."""
         paths = self.storage.download_images(
             job.image_urls,
             dest,
@@ -365,78 +476,54 @@ class TrainingWorker:
             max_total_bytes=self.settings.max_total_bytes,
             allowed_buckets=self.settings.allowed_buckets or None,
         )
-        captions = job.captions
-        if captions is None:
-            return
-        if isinstance(captions, dict):
-            by_name = {Path(url.rsplit("/", 1)[-1]).name: url for url in job.image_urls}
-            lookup = {by_name.get(name, name): text for name, text in captions.items()}
-            per_image = [lookup.get(url) for url in job.image_urls]
-        else:
-            per_image = list(captions)
-        for path, caption in zip(paths, per_image, strict=False):
-            if caption:
+        for path, url in zip(paths, job.image_urls, strict=True):
+            public.names[str(path)] = url
+        for path, caption in zip(paths, self._captions(job), strict=True):
+            if caption is not None:
                 path.with_suffix(".txt").write_text(caption, encoding="utf-8")
 
+    def _captions(self, job: TrainingJob) -> list[str | None]:
+        """Each image's caption from the job, else the template with the job's style token."""
+        captions = job.captions
+        if isinstance(captions, dict):
+            by_name = {url: captions.get(url.rsplit("/", 1)[-1]) for url in job.image_urls}
+            own: list[str | None] = [by_name[url] or captions.get(url) for url in job.image_urls]
+        elif isinstance(captions, list):
+            own = [c or None for c in captions]
+        else:
+            own = [None] * len(job.image_urls)
+        if job.style_token is None:
+            return own
+        template = str(self.train_cfg.data.caption_template)
+        default = template.format(token=job.style_token)  # the token is a value, not a format
+        return [c if c is not None else default for c in own]
+
     # ------------------------------------------------------------------ failures without a job
-    def _report_unparsed(self, body: bytes, exc: InvalidMessageError) -> None:
-        style_id, webhook_url = peek_identity(body)
+    def _report_unparsed(self, delivery: Delivery, exc: InvalidMessageError) -> None:
+        style_id, webhook_url = peek_identity(delivery.body)
         if style_id is None or webhook_url is None:
             return
         if not webhook_allowed(webhook_url, self.settings.webhook_allowlist):
             log.warning("not reporting the invalid message: its webhook_url is not allow-listed")
             return
-        self._send_failure(webhook_url, style_id, exc)
+        key = job_key_for(delivery.message_id, delivery.body)
+        try:
+            run = self.ledger.resolve_run(style_id, key, new_publication=not delivery.redelivered)
+            self._report(webhook_url, run, delivery.body).fail(exc)
+        except StorageUnavailableError:  # still heard, without the once-only record
+            from lightning_lora.job_report import error_message_of
 
-    @staticmethod
-    def _send_failure(webhook_url: str, style_id: int, exc: BaseException) -> None:
-        from lightning_lora.clients.webhook_client import WebhookClient
-
-        WebhookClient(webhook_url).send_failed(style_id, redact(str(exc)), error_code_of(exc))
-
-
-def compose_worker_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose ``configs/worker.yaml`` with overrides."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from lightning_lora.train import CONFIG_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="worker", overrides=list(overrides))
+            self._client(webhook_url).send_failed(style_id, error_message_of(exc), exc.error_code)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``lightning-lora-worker``: consume training jobs until SIGTERM/SIGINT."""
-    parser = argparse.ArgumentParser(
-        prog="lightning-lora-worker",
-        description="Consume SD1.5 LoRA training jobs from RabbitMQ (see README, Queue runner).",
-    )
-    parser.add_argument("overrides", nargs="*", help="overrides of configs/worker.yaml")
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
-        stream=sys.stdout,
-    )
-    logging.getLogger("pika").setLevel(logging.WARNING)
-    install_redaction()
-    settings = WorkerSettings.from_config(compose_worker_config(args.overrides))
-    if not settings.webhook_allowlist:
-        log.warning("the webhook allowlist is empty: every job will be refused (WEBHOOK_ALLOWLIST)")
-    broker = BrokerSettings.from_env()
-    worker = TrainingWorker(settings)
-    consumer = Consumer(
-        broker, worker.handle, on_poison=worker.on_poison, grace_period=settings.grace_period_s
-    )
-    log.info("worker consuming %s (%s)", broker.queue, broker.describe())
-    log.info("settings: %s", json.dumps({**settings.__dict__}, default=str))
-    consumer.run()
-    log.info("worker stopped after %d job(s)", worker.jobs_done)
-    return 0
+class _PublicNames:
+    """Rewrites a job's local file paths in messages into the S3 URLs the backend knows."""
 
+    def __init__(self, job_dir: Path) -> None:
+        self.job_dir = str(job_dir)
+        self.names: dict[str, str] = {}
 
-if __name__ == "__main__":
-    sys.exit(main())
+    def __call__(self, text: str) -> str:
+        for local in sorted(self.names, key=len, reverse=True):
+            text = text.replace(local, self.names[local])
+        return text.replace(self.job_dir, "<job folder>")

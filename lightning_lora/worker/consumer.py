@@ -7,13 +7,14 @@ Design (after pika's ``examples/basic_consumer_threaded.py``):
   answered while a job runs.
 * ``prefetch_count=1`` and manual acks: one job at a time. Each delivery is handled on a worker
   thread; its :class:`Outcome` goes back to the connection thread through
-  ``connection.add_callback_threadsafe``, which acks (``ACK``), dead-letters (``REJECT``:
-  ``basic_reject(requeue=False)``) or requeues (``REQUEUE``: ``basic_nack(requeue=True)``).
-* Poison messages: a delivery whose ``x-delivery-count`` is ``>= delivery_limit`` is not handed
-  to the handler; the optional ``on_poison`` hook runs (e.g. to send a failure webhook) and the
-  message is rejected into the dead-letter queue. The quorum queue's ``x-delivery-limit`` (same
-  value) is the broker-side backstop: RabbitMQ 3.10 still delivers a message whose count equals
-  the limit and dead-letters it on the following return, so the hook always gets its chance.
+  ``connection.add_callback_threadsafe``, which acks (``ACK``), dead-letters (``REJECT``: the
+  message is published to the dead-letter queue with its reason under publisher confirms, then
+  acked; see :func:`~lightning_lora.worker.broker.dead_letter`) or requeues (``REQUEUE``:
+  ``basic_nack(requeue=True)``). A handler may return a :class:`Settlement` to give the reason.
+* Poison messages on a quorum queue: a delivery whose ``x-delivery-count`` is
+  ``>= delivery_limit`` is not handed to the handler; the optional ``on_poison`` hook runs (e.g.
+  to send a failure webhook) and the message is dead-lettered. Classic queues carry no count:
+  the worker counts attempts itself (:mod:`lightning_lora.worker.ledger`).
 * Connection loss (``AMQPConnectionError``, ``StreamLostError``, ``ConnectionClosedByBroker``,
   a channel closed by the broker, a consumer cancelled by the broker ...) is followed by a
   reconnect with bounded, jittered exponential backoff. A job that is running when the
@@ -48,270 +49,39 @@ import contextlib
 import dataclasses
 import enum
 import functools
-import json
+import hashlib
 import logging
-import os
-import random
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
-from urllib.parse import quote
 
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import Basic, BasicProperties
 
+from lightning_lora.jitter import RNG
+from lightning_lora.worker.broker import (
+    BrokerSettings,
+    TopologyError,
+    dead_letter,
+    declare_topology,
+)
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_QUEUE = "model_training"
 RECOVERABLE_ERRORS: tuple[type[BaseException], ...] = (
     pika.exceptions.AMQPConnectionError,
     pika.exceptions.AMQPChannelError,
     OSError,
 )
 """Errors after which :meth:`Consumer.run` reconnects instead of giving up."""
-_TOPOLOGY_REPLY_CODES = (405, 406)  # RESOURCE_LOCKED, PRECONDITION_FAILED
-
-
-class TopologyError(RuntimeError):
-    """A queue exists on the broker with arguments that differ from the ones we declare."""
-
-
-class PublishError(RuntimeError):
-    """The broker did not confirm a published message (nack) or could not route it."""
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
-
-
-@dataclass(frozen=True)
-class BrokerSettings:
-    """How to reach RabbitMQ and which queues to use.
-
-    Read them from the environment with :meth:`from_env`. The password (and the URL, which may
-    contain it) never appears in ``repr`` or in logs; use :meth:`describe` for a safe summary.
-
-    Note:
-        There is no consumer-timeout setting: RabbitMQ 3.10 ignores the per-queue
-        ``x-consumer-timeout`` argument; configure the broker-wide ``consumer_timeout`` instead
-        (see the module docstring).
-
-    Attributes:
-        host: Broker host (``RABBITMQ_HOST``, default ``localhost``).
-        port: Broker port (``RABBITMQ_PORT``, default 5672).
-        user: User name (``RABBITMQ_USER``, default ``guest``).
-        password: Password (``RABBITMQ_PASSWORD``, default ``guest``); never logged.
-        vhost: Virtual host (``RABBITMQ_VHOST``, default ``/``).
-        url: Full ``amqp://`` / ``amqps://`` URL (``RABBITMQ_URL``); when set it wins over the
-            discrete fields for connecting (TLS options included). Never logged.
-        heartbeat: Heartbeat interval in seconds (``RABBITMQ_HEARTBEAT``, default 60).
-        queue: Work queue (``RABBITMQ_QUEUE``, default ``model_training``).
-        dead_letter_queue: Dead-letter queue (``RABBITMQ_DLQ``, default ``<queue>.dlq``).
-        delivery_limit: Deliveries after which a message is poison (``RABBITMQ_DELIVERY_LIMIT``,
-            default 3); also the quorum queue's ``x-delivery-limit``.
-        connection_name: ``connection_name`` client property shown by the broker
-            (``RABBITMQ_CONNECTION_NAME``, default ``lightning_lora-worker``).
-        blocked_connection_timeout: Seconds a connection blocked by a broker alarm may wait.
-        reconnect_initial_delay: First reconnect delay in seconds (before jitter).
-        reconnect_max_delay: Upper bound of the reconnect delay in seconds.
-    """
-
-    host: str = "localhost"
-    port: int = 5672
-    user: str = "guest"
-    password: str = field(default="guest", repr=False)
-    vhost: str = "/"
-    url: str | None = field(default=None, repr=False)
-    heartbeat: int = 60
-    queue: str = DEFAULT_QUEUE
-    dead_letter_queue: str | None = None
-    delivery_limit: int = 3
-    connection_name: str = "lightning_lora-worker"
-    blocked_connection_timeout: float = 300.0
-    reconnect_initial_delay: float = 1.0
-    reconnect_max_delay: float = 30.0
-
-    def __post_init__(self) -> None:
-        """Validate the values.
-
-        Raises:
-            ValueError: If a value is out of range.
-        """
-        if not self.queue or len(self.queue.encode()) > 255:
-            raise ValueError("queue name must be 1..255 bytes")
-        if self.delivery_limit < 1:
-            raise ValueError("delivery_limit must be at least 1")
-        if self.heartbeat < 0:
-            raise ValueError("heartbeat must be >= 0")
-        if not 0 < self.port < 65536:
-            raise ValueError("port must be in 1..65535")
-        if self.reconnect_initial_delay <= 0 or self.reconnect_max_delay <= 0:
-            raise ValueError("reconnect delays must be > 0")
-
-    @property
-    def dlq(self) -> str:
-        """The dead-letter queue name (``<queue>.dlq`` unless set)."""
-        return self.dead_letter_queue or f"{self.queue}.dlq"
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> BrokerSettings:
-        """Build settings from environment variables.
-
-        Args:
-            env: Variables to read; defaults to ``os.environ``.
-            **overrides: Field values that win over the environment.
-
-        Returns:
-            The settings.
-
-        Raises:
-            ValueError: If a numeric variable is not an integer or a value is out of range.
-        """
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {
-            "host": env.get("RABBITMQ_HOST") or "localhost",
-            "port": _env_int(env, "RABBITMQ_PORT", 5672),
-            "user": env.get("RABBITMQ_USER") or "guest",
-            "password": env.get("RABBITMQ_PASSWORD") or "guest",
-            "vhost": env.get("RABBITMQ_VHOST") or "/",
-            "heartbeat": _env_int(env, "RABBITMQ_HEARTBEAT", 60),
-            "queue": env.get("RABBITMQ_QUEUE") or DEFAULT_QUEUE,
-            "dead_letter_queue": env.get("RABBITMQ_DLQ") or None,
-            "delivery_limit": _env_int(env, "RABBITMQ_DELIVERY_LIMIT", 3),
-            "connection_name": env.get("RABBITMQ_CONNECTION_NAME") or "lightning_lora-worker",
-        }
-        url = env.get("RABBITMQ_URL")
-        if url:
-            values.update(_fields_from_url(url))
-            values["url"] = url
-            if env.get("RABBITMQ_HEARTBEAT"):
-                values["heartbeat"] = _env_int(env, "RABBITMQ_HEARTBEAT", 60)
-        values.update(overrides)
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> BrokerSettings:
-        """Return a copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
-
-    def connection_parameters(
-        self, connection_name: str | None = None
-    ) -> pika.ConnectionParameters:
-        """Build pika connection parameters.
-
-        Args:
-            connection_name: ``connection_name`` client property; defaults to
-                :attr:`connection_name`.
-
-        Returns:
-            Parameters with our heartbeat, timeouts and client properties.
-        """
-        name = connection_name or self.connection_name
-        params: pika.ConnectionParameters
-        if self.url:
-            params = pika.URLParameters(self.url)
-        else:
-            params = pika.ConnectionParameters(
-                host=self.host,
-                port=self.port,
-                virtual_host=self.vhost,
-                credentials=pika.PlainCredentials(self.user, self.password),
-            )
-        params.heartbeat = self.heartbeat
-        params.blocked_connection_timeout = self.blocked_connection_timeout
-        params.connection_attempts = 1
-        params.client_properties = {"connection_name": name, "product": "lightning_lora"}
-        return params
-
-    def describe(self) -> str:
-        """A log-safe description of the broker endpoint (no password)."""
-        scheme = "amqps" if (self.url or "").startswith("amqps://") else "amqp"
-        vhost = quote(self.vhost, safe="")
-        return f"{scheme}://{self.user}@{self.host}:{self.port}/{vhost} queue={self.queue!r}"
-
-
-def _fields_from_url(url: str) -> dict[str, Any]:
-    """Host, port, user, password, vhost and heartbeat of an AMQP URL (via pika)."""
-    try:
-        params = pika.URLParameters(url)
-    except Exception as exc:  # pika raises several types for bad URLs
-        raise ValueError(f"RABBITMQ_URL is not a valid AMQP URL ({type(exc).__name__})") from None
-    fields: dict[str, Any] = {
-        "host": params.host,
-        "port": params.port,
-        "vhost": params.virtual_host,
-    }
-    credentials = params.credentials
-    if isinstance(credentials, pika.PlainCredentials):
-        fields["user"] = credentials.username
-        fields["password"] = credentials.password
-    if isinstance(params.heartbeat, int):
-        fields["heartbeat"] = params.heartbeat
-    return fields
-
-
-# --------------------------------------------------------------------------- topology
-
-
-def queue_arguments(settings: BrokerSettings) -> dict[str, Any]:
-    """Arguments of the work queue: durable quorum queue dead-lettering into the DLQ.
-
-    Args:
-        settings: Broker settings.
-
-    Returns:
-        The ``queue.declare`` arguments.
-    """
-    return {
-        "x-queue-type": "quorum",
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": settings.dlq,
-        "x-delivery-limit": settings.delivery_limit,
-    }
-
-
-def declare_topology(channel: BlockingChannel, settings: BrokerSettings) -> None:
-    """Declare the dead-letter queue and the work queue (idempotent).
-
-    Args:
-        channel: An open channel. It is closed by the broker if a declaration fails.
-        settings: Broker settings.
-
-    Raises:
-        TopologyError: If a queue already exists with other arguments or type
-            (``PRECONDITION_FAILED``); the message names the queue and the broker's reason.
-    """
-    _declare(channel, settings.dlq, arguments={})
-    _declare(channel, settings.queue, arguments=queue_arguments(settings))
-
-
-def _declare(channel: BlockingChannel, name: str, arguments: dict[str, Any]) -> None:
-    try:
-        channel.queue_declare(name, durable=True, arguments=arguments)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code in _TOPOLOGY_REPLY_CODES:
-            raise TopologyError(
-                f"queue {name!r} already exists with different settings than "
-                f"{arguments or 'a plain durable queue'}: {exc.reply_text}. Delete the queue or "
-                f"align the worker's settings (e.g. RABBITMQ_DELIVERY_LIMIT)."
-            ) from exc
-        raise
+_LOCAL_COUNT_CAPACITY = 10_000
 
 
 # --------------------------------------------------------------------------- deliveries
@@ -326,6 +96,21 @@ class Outcome(enum.Enum):
     """Never retry: dead-letter the message (``basic_reject(requeue=False)``)."""
     REQUEUE = "requeue"
     """Put the message back for a later delivery (e.g. on shutdown)."""
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """An outcome with the reason an operator sees on a dead-lettered message.
+
+    Attributes:
+        outcome: What to do with the message.
+        reason: One line (the DLQ's ``x-lightning-lora-reason`` header).
+        error_code: The failure code reported to the backend, if any.
+    """
+
+    outcome: Outcome
+    reason: str = ""
+    error_code: str | None = None
 
 
 @dataclass(frozen=True)
@@ -404,7 +189,7 @@ class _InFlight:
     settled: bool = False
 
 
-Handler = Callable[[Delivery], Outcome]
+Handler = Callable[[Delivery], "Outcome | Settlement"]
 PoisonHook = Callable[[Delivery], None]
 
 
@@ -424,6 +209,7 @@ class Consumer:
         grace_period: Seconds a running job may still take after a stop request before its
             message is requeued and :meth:`run` returns anyway.
         poll_interval: Seconds between checks of the stop flag while serving the connection.
+        on_io: Called after every round of broker I/O (heartbeats included), e.g. for metrics.
 
     Attributes:
         consuming: Set while a consumer is registered with the broker (cleared when the
@@ -439,12 +225,14 @@ class Consumer:
         on_poison: PoisonHook | None = None,
         grace_period: float = 30.0,
         poll_interval: float = 0.5,
+        on_io: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self._handler = handler
         self._on_poison = on_poison
         self._grace_period = grace_period
         self._poll_interval = poll_interval
+        self._on_io = on_io
         self._stop = threading.Event()
         self._stop_at: float | None = None
         self.consuming = threading.Event()
@@ -452,6 +240,9 @@ class Consumer:
         self._connection: BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._consumer_tag: str | None = None
+        self._dlq_channel: BlockingChannel | None = None
+        self._local_counts: dict[str, int] = {}
+        self.last_broker_io: float | None = None
         self._current: _InFlight | None = None
         self._worker: threading.Thread | None = None
         self._cancelled_by_broker = False
@@ -520,7 +311,7 @@ class Consumer:
         """Jittered exponential backoff: uniform in [d/2, d], d = min(max, initial * 2**n)."""
         initial = self.settings.reconnect_initial_delay
         ceiling = min(self.settings.reconnect_max_delay, initial * 2 ** min(attempt, 30))
-        return random.uniform(ceiling / 2, ceiling)
+        return RNG.uniform(ceiling / 2, ceiling)  # not the global random: training seeds it
 
     def _connect(self) -> None:
         params = self.settings.connection_parameters()
@@ -528,6 +319,8 @@ class Consumer:
         channel = self._connection.channel()
         declare_topology(channel, self.settings)
         channel.basic_qos(prefetch_count=1)
+        self._dlq_channel = self._connection.channel()
+        self._dlq_channel.confirm_delivery()
         self._cancelled_by_broker = False
         channel.add_on_cancel_callback(self._on_broker_cancel)
         self._consumer_tag = channel.basic_consume(
@@ -543,6 +336,9 @@ class Consumer:
         assert self._connection is not None and self._channel is not None
         while not self._stop.is_set():
             self._connection.process_data_events(time_limit=self._poll_interval)
+            self.last_broker_io = time.monotonic()
+            if self._on_io is not None:
+                self._on_io()
             if self._cancelled_by_broker:
                 raise pika.exceptions.ConsumerCancelled("consumer cancelled by the broker")
             if not self._channel.is_open:
@@ -594,6 +390,7 @@ class Consumer:
     def _close_connection(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
         self._consumer_tag = None
+        self._dlq_channel = None
         if connection is not None and connection.is_open:
             try:
                 connection.close()
@@ -631,6 +428,7 @@ class Consumer:
         if self._stop.is_set() or self._current is not None:
             channel.basic_nack(method.delivery_tag, requeue=True)
             return
+        delivery = self._with_local_count(delivery)
         job = _InFlight(channel=channel, delivery=delivery)
         self._current = job
         connection = self._connection
@@ -646,9 +444,36 @@ class Consumer:
         )
         self._worker.start()
 
+    @staticmethod
+    def _key(delivery: Delivery) -> str:
+        return delivery.message_id or hashlib.sha256(delivery.body).hexdigest()
+
+    def _with_local_count(self, delivery: Delivery) -> Delivery:
+        """Count the handler's failures on a message where the queue gives no count.
+
+        Classic queues have no ``x-delivery-count``: the times the handler raised on a message
+        (keyed by message id, else the body's hash) are counted here while it keeps coming
+        back with the ``redelivered`` flag. A requeue the handler asked for (shutdown, S3 down)
+        does not count, and a first delivery starts again from 0, so a new publication of the
+        same body is never poison. Crashes of the whole process are counted by the worker.
+        """
+        key = self._key(delivery)
+        if not delivery.redelivered:
+            self._local_counts.pop(key, None)
+            return delivery
+        failures = self._local_counts.get(key, 0)
+        if failures <= delivery.delivery_count:
+            return delivery
+        return dataclasses.replace(delivery, delivery_count=failures)
+
+    def _count_failure(self, delivery: Delivery) -> None:
+        self._local_counts[self._key(delivery)] = delivery.delivery_count + 1
+        while len(self._local_counts) > _LOCAL_COUNT_CAPACITY:
+            self._local_counts.pop(next(iter(self._local_counts)))
+
     def _work(self, connection: BlockingConnection, job: _InFlight) -> None:
         """Worker thread: run the handler and hand the outcome back to the connection thread."""
-        outcome = Outcome.REQUEUE
+        outcome = Settlement(Outcome.REQUEUE)
         try:
             outcome = self._process(job.delivery)
         finally:
@@ -657,35 +482,36 @@ class Consumer:
             except Exception as exc:  # the connection is gone: the broker will redeliver
                 logger.warning(
                     "could not report outcome %s of message %s (%s); it will be redelivered",
-                    outcome.name,
+                    outcome.outcome.name,
                     job.delivery.message_id,
                     type(exc).__name__,
                 )
 
-    def _process(self, delivery: Delivery) -> Outcome:
+    def _process(self, delivery: Delivery) -> Settlement:
         limit = self.settings.delivery_limit
         if delivery.delivery_count >= limit:
-            logger.error(
-                "message %s was delivered %d times (limit %d); dead-lettering it",
-                delivery.message_id,
-                delivery.delivery_count,
-                limit,
-            )
+            reason = f"delivered {delivery.delivery_count} times (limit {limit})"
+            logger.error("message %s %s; dead-lettering it", delivery.message_id, reason)
             self._call_poison_hook(delivery)
-            return Outcome.REJECT
+            return Settlement(Outcome.REJECT, reason, "REDELIVERY_LIMIT")
         try:
             outcome = self._handler(delivery)
-        except Exception:
+        except Exception as exc:
+            self._count_failure(delivery)
             retry = delivery.delivery_count < limit
             logger.exception(
                 "handler failed on message %s; %s",
                 delivery.message_id,
                 "requeueing" if retry else "dead-lettering",
             )
-            return Outcome.REQUEUE if retry else Outcome.REJECT
-        if not isinstance(outcome, Outcome):
+            reason = f"the worker's handler raised {type(exc).__name__}"
+            return Settlement(Outcome.REQUEUE if retry else Outcome.REJECT, reason)
+        self._local_counts.pop(self._key(delivery), None)
+        if isinstance(outcome, Outcome):
+            return Settlement(outcome)
+        if not isinstance(outcome, Settlement):
             logger.error("handler returned %r instead of an Outcome; requeueing", outcome)
-            return Outcome.REQUEUE
+            return Settlement(Outcome.REQUEUE)
         return outcome
 
     def _call_poison_hook(self, delivery: Delivery) -> None:
@@ -696,8 +522,11 @@ class Consumer:
         except Exception:
             logger.exception("on_poison hook failed for message %s", delivery.message_id)
 
-    def _settle(self, job: _InFlight, outcome: Outcome) -> None:
-        """Connection thread: ack/reject/requeue a delivery exactly once."""
+    def _settle(self, job: _InFlight, settlement: Settlement | Outcome) -> None:
+        """Connection thread: ack/dead-letter/requeue a delivery exactly once."""
+        if isinstance(settlement, Outcome):
+            settlement = Settlement(settlement)
+        outcome = settlement.outcome
         if job.settled:
             logger.debug("ignoring late outcome %s of an already settled message", outcome.name)
             return
@@ -713,10 +542,39 @@ class Consumer:
         if outcome is Outcome.ACK:
             channel.basic_ack(tag)
         elif outcome is Outcome.REJECT:
-            channel.basic_reject(tag, requeue=False)
+            if not self._dead_letter(job.delivery, settlement):
+                outcome = Outcome.REQUEUE
+                channel.basic_nack(tag, requeue=True)
+            else:
+                channel.basic_ack(tag)
         else:
             channel.basic_nack(tag, requeue=True)
         logger.info("message %s settled: %s", job.delivery.message_id, outcome.name)
+
+    def _dead_letter(self, delivery: Delivery, settlement: Settlement) -> bool:
+        """Publish the delivery to the DLQ (confirmed); ``False`` if that failed."""
+        channel = self._dlq_channel
+        reason = settlement.reason or "rejected by the worker"
+        try:
+            if channel is None or not channel.is_open:
+                raise pika.exceptions.ChannelClosed(0, "no dead-letter channel")
+            dead_letter(
+                channel,
+                self.settings,
+                delivery.body,
+                delivery.properties,
+                reason,
+                settlement.error_code,
+            )
+        except Exception as exc:  # keep the message: requeue rather than lose it
+            logger.error(
+                "message %s could not be dead-lettered (%s: %s); requeueing it",
+                delivery.message_id,
+                type(exc).__name__,
+                exc,
+            )
+            return False
+        return True
 
     # ----------------------------------------------------------------- signals
 
@@ -737,60 +595,3 @@ class Consumer:
 
     def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
         self.request_stop()  # no logging here: the logging lock may be held
-
-
-# --------------------------------------------------------------------------- publishing
-
-
-def publish_job(
-    settings: BrokerSettings,
-    body: Mapping[str, Any] | bytes,
-    *,
-    message_id: str | None = None,
-    headers: Mapping[str, Any] | None = None,
-) -> str:
-    """Publish a job persistently, with publisher confirms, after declaring the topology.
-
-    Args:
-        settings: Broker settings (queue and connection).
-        body: The job as a JSON-serialisable mapping, or raw bytes.
-        message_id: The message id; a random UUID hex by default.
-        headers: Optional message headers.
-
-    Returns:
-        The message id.
-
-    Raises:
-        PublishError: If the broker nacks the message or cannot route it.
-        TopologyError: If the queues exist with incompatible arguments.
-        pika.exceptions.AMQPError: If the broker cannot be reached.
-    """
-    payload = body if isinstance(body, bytes) else json.dumps(dict(body)).encode("utf-8")
-    message_id = message_id or uuid.uuid4().hex
-    properties = BasicProperties(
-        content_type="application/json",
-        delivery_mode=pika.DeliveryMode.Persistent.value,
-        timestamp=int(time.time()),
-        message_id=message_id,
-        app_id="lightning_lora",
-        headers=dict(headers) if headers else None,
-    )
-    name = f"{settings.connection_name}-publisher"
-    connection = BlockingConnection(settings.connection_parameters(connection_name=name))
-    try:
-        channel = connection.channel()
-        declare_topology(channel, settings)
-        channel.confirm_delivery()
-        try:
-            channel.basic_publish("", settings.queue, payload, properties, mandatory=True)
-        except pika.exceptions.UnroutableError as exc:
-            raise PublishError(
-                f"message {message_id} could not be routed to {settings.queue!r}"
-            ) from exc
-        except pika.exceptions.NackError as exc:
-            raise PublishError(f"the broker refused message {message_id} (nack)") from exc
-    finally:
-        if connection.is_open:
-            connection.close()
-    logger.info("published message %s to %r", message_id, settings.queue)
-    return message_id

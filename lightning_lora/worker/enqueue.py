@@ -9,7 +9,7 @@ Examples::
 The job is validated with :func:`~lightning_lora.worker.messages.parse_job` before it is
 published (persistent, with publisher confirms); the message id is printed on stdout. The
 broker is configured by the ``RABBITMQ_*`` environment variables (see
-:class:`~lightning_lora.worker.consumer.BrokerSettings`).
+:class:`~lightning_lora.worker.broker.BrokerSettings`).
 
 Exit codes: 0 published, 2 invalid job or arguments, 1 broker error.
 """
@@ -27,7 +27,7 @@ from typing import Any
 import pika.exceptions
 
 from lightning_lora.errors import InvalidMessageError
-from lightning_lora.worker.consumer import (
+from lightning_lora.worker.broker import (
     BrokerSettings,
     PublishError,
     TopologyError,

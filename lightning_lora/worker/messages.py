@@ -1,4 +1,4 @@
-"""Training-job messages: parsing, validation, webhook allowlisting and Hydra overrides.
+"""Training-job messages: parsing, validation, webhook allowlisting, and the values they set.
 
 A message on the ``model_training`` queue is a JSON object such as::
 
@@ -21,7 +21,6 @@ failure webhook can still be sent; the caller must still check the URL with
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Annotated, Any
 from urllib.parse import SplitResult, urlsplit
@@ -64,16 +63,15 @@ _BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
-OVERRIDE_KEYS: dict[str, str] = {
+NUMERIC_KEYS: dict[str, str] = {
     "num_epochs": "trainer.max_epochs",
     "learning_rate": "module.optimizer.lr",
     "lora_rank": "lora.rank",
     "lora_alpha": "lora.alpha",
     "resolution": "data.resolution",
     "seed": "seed",
-    "style_token": "data.token",
 }
-"""Job field -> Hydra config key written by :func:`job_to_overrides` (in this order)."""
+"""Numeric job field -> training config key set by :func:`job_settings` (in this order)."""
 
 
 # --------------------------------------------------------------------------- field validators
@@ -498,60 +496,26 @@ def webhook_allowed(url: str, allowlist: list[str]) -> bool:
     return any(_entry_matches(entry, parts) for entry in allowlist)
 
 
-# --------------------------------------------------------------------------- Hydra overrides
+# --------------------------------------------------------------------------- job -> config
 
 
-def _omegaconf_escape(value: str) -> str:
-    """Escape ``${`` so OmegaConf keeps it literal (doubling backslashes right before it)."""
-    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+def job_settings(job: TrainingJob) -> dict[str, int | float]:
+    """The config values a job sets: its numeric fields, by config key.
 
-
-def hydra_quote(value: str) -> str:
-    r"""Quote a string as a Hydra override value that survives parsing unchanged.
-
-    The value is single-quoted; quotes are escaped as ``\'``, backslashes that precede a quote
-    (or the closing quote) are doubled, and ``${`` is escaped so that OmegaConf does not treat
-    it as an interpolation.
-
-    Args:
-        value: Any string.
-
-    Returns:
-        The quoted override value, e.g. ``'it\'s = ok'``.
-    """
-    escaped = _omegaconf_escape(value)
-    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", escaped)
-    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
-    return f"'{escaped}'"
-
-
-def _format_override_value(value: Any) -> str:
-    if isinstance(value, bool):  # pragma: no cover - no bool fields today
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):  # pragma: no cover - the model rejects these
-            raise ValueError("non-finite float")
-        return repr(value)
-    return hydra_quote(str(value))
-
-
-def job_to_overrides(job: TrainingJob) -> list[str]:
-    """Hydra override strings for the job's optional training settings.
-
-    Only fields present in the job are emitted, in the order of :data:`OVERRIDE_KEYS`, e.g.
-    ``["trainer.max_epochs=20", "data.token='sks style'"]``.
+    Only numbers go into the training config, as values (never as override strings, so they
+    are never parsed or resolved). Text from a message (``style_token``, ``captions``) never
+    enters the config: the worker writes it into the job's caption files as plain text.
 
     Args:
         job: A validated job.
 
     Returns:
-        The overrides, ready for Hydra's ``compose(overrides=...)`` or the command line.
+        E.g. ``{"trainer.max_epochs": 20, "module.optimizer.lr": 1e-4}``, in the order of
+        :data:`NUMERIC_KEYS`, for the fields present in the job.
     """
-    overrides: list[str] = []
-    for field_name, key in OVERRIDE_KEYS.items():
+    values: dict[str, int | float] = {}
+    for field_name, key in NUMERIC_KEYS.items():
         value = getattr(job, field_name)
         if value is not None:
-            overrides.append(f"{key}={_format_override_value(value)}")
-    return overrides
+            values[key] = value
+    return values

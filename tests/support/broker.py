@@ -17,7 +17,8 @@ import pika
 import pika.exceptions
 import pytest
 
-from lightning_lora.worker.consumer import BrokerSettings, Consumer
+from lightning_lora.worker.broker import BrokerSettings
+from lightning_lora.worker.consumer import Consumer
 
 JOB = {"style_id": 7, "image_urls": ["s3://b/k.png"], "webhook_url": "http://backend:8000"}
 
