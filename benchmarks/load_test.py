@@ -229,12 +229,11 @@ def run_load(
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
         }
-        overrides = ",".join(f'"{o}"' for o in TRAIN_OVERRIDES)
         args = [
             str(WORKER_SCRIPT),
-            f"train_overrides=[{overrides}]",
-            "webhook_allowlist=[127.0.0.1]",
-            "grace_period_s=60",
+            *TRAIN_OVERRIDES,
+            "worker.webhook_allowlist=[127.0.0.1]",
+            "worker.grace_period_s=60",
         ]
         for w in range(workers):
             sink = (logs / f"worker{w}.log").open("w", encoding="utf-8")

@@ -42,6 +42,7 @@ from lightning_lora.clients.webhook_client import (
     WebhookSender,
 )
 from lightning_lora.errors import InvalidImageError, UploadError
+from lightning_lora.job_report import JobReport
 from lightning_lora.reporting import build_sender, report_completion, run_reported_training
 from lightning_lora.train import TrainResult, compose_config, train
 from tests.conftest import TINY_OVERRIDES
@@ -211,7 +212,9 @@ def production_run(
         try:
             sender = build_sender(receiver.base_url, cfg, token=TOKEN)
             started = time.monotonic()
-            result = run_reported_training(cfg, STYLE_ID, sender, storage, callbacks=[probe])
+            result = run_reported_training(
+                cfg, JobReport(sender, STYLE_ID), storage, callbacks=[probe]
+            )
             elapsed = time.monotonic() - started
             sender.close()
         finally:
@@ -362,7 +365,7 @@ def test_invalid_image_sends_one_failure_and_no_completion(
     (images / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     cfg = make_cfg(*FAST, "trainer.max_epochs=1", image_dir=images)
     with sender_for(webhook_receiver) as sender, pytest.raises(InvalidImageError):
-        run_reported_training(cfg, STYLE_ID, sender, s3_env)
+        run_reported_training(cfg, JobReport(sender, STYLE_ID), s3_env)
     requests = webhook_receiver.requests
     assert to(requests, COMPLETE_PATH) == []
     (failed,) = to(requests, FAILED_PATH)
@@ -409,7 +412,9 @@ def test_final_upload_failure_is_upload_failed_and_checkpoint_failures_only_warn
     caplog.set_level(logging.WARNING, logger="lightning_lora")
     with sender_for(webhook_receiver) as sender, pytest.raises(UploadError):
         # resume=False: listing a missing bucket would fail the job with DOWNLOAD_FAILED
-        run_reported_training(cfg, STYLE_ID, sender, missing, resume=False, callbacks=[checkpoints])
+        run_reported_training(
+            cfg, JobReport(sender, STYLE_ID), missing, resume=False, callbacks=[checkpoints]
+        )
     assert checkpoints.failed >= 1 and checkpoints.uploaded == []
     assert any("checkpoint upload failed" in r.getMessage() for r in caplog.records)
     requests = webhook_receiver.requests
@@ -513,7 +518,7 @@ def test_resume_from_the_newest_valid_s3_checkpoint(
     second = make_cfg(*FAST, "trainer.max_epochs=4", *NO_LOGGER, output_dir=tmp_path / "two")
     probe = Probe()
     with sender_for(webhook_receiver) as sender:
-        result = run_reported_training(second, style, sender, storage, callbacks=[probe])
+        result = run_reported_training(second, JobReport(sender, style), storage, callbacks=[probe])
     assert probe.start == (2, 4)  # resumed at epoch 2, step 4
     assert result.metrics["steps"] == 8 and result.metrics["epochs"] == 4
     reports = progress_of(webhook_receiver.requests)

@@ -377,3 +377,29 @@ def test_retry_jitter_differs_between_workers_with_the_same_training_seed() -> N
     ]
     for a, b in zip(*runs, strict=True):
         assert a != b  # the seeded global random would make them equal
+
+
+def test_a_redelivery_of_an_unacknowledged_completion_resends_it_without_training(stack) -> None:
+    receiver, broker, storage = stack["receiver"], stack["broker"], stack["storage"]
+    receiver.script(COMPLETE_PATH, 503, 503)  # the backend is down at the first delivery
+    worker = _worker(
+        stack,
+        "trainer.max_epochs=1",
+        "reporting.client.max_total_s=1",
+        "reporting.client.max_attempts=2",
+        "reporting.client.backoff_base_s=0.1",
+    )
+    body = json.dumps(_job(stack, 233)).encode()
+    first = worker.handle(_delivery(body, redelivered=False))
+    assert first.outcome.name == "ACK" and worker.jobs_done == 1
+    assert len(storage.list_keys("outbox/")) == 1
+    progress = len(receiver.requests_to(PROGRESS_PATH))
+    again = worker.handle(_delivery(body, redelivered=True))  # e.g. the ack was lost
+    assert again.outcome.name == "ACK"
+    assert worker.jobs_done == 1 and len(receiver.requests_to(PROGRESS_PATH)) == progress
+    attempts = [r for r in receiver.requests_to(COMPLETE_PATH) if r.json["style_id"] == 233]
+    assert [r.status for r in attempts] == [503, 503, 200]
+    assert len({r.header("Idempotency-Key") for r in attempts}) == 1
+    assert storage.list_keys("outbox/") == []
+    third = worker.handle(_delivery(body, redelivered=True))  # acknowledged now: silent ack
+    assert third.outcome.name == "ACK" and len(_accepted(receiver, COMPLETE_PATH, 233)) == 1
