@@ -380,7 +380,7 @@ def test_retry_jitter_differs_between_workers_with_the_same_training_seed() -> N
 
 
 def test_a_redelivery_of_an_unacknowledged_completion_resends_it_without_training(stack) -> None:
-    receiver, broker, storage = stack["receiver"], stack["broker"], stack["storage"]
+    receiver, storage = stack["receiver"], stack["storage"]
     receiver.script(COMPLETE_PATH, 503, 503)  # the backend is down at the first delivery
     worker = _worker(
         stack,
