@@ -64,17 +64,17 @@ HOSTILE: list[tuple[str, bytes, str]] = [
     ("style-id-huge", _body(style_id=10**30), "field 'style_id'"),
     ("style-id-float", _body(style_id=4.0), "field 'style_id'"),
     ("no-images", _body(image_urls=[]), "field 'image_urls'"),
-    ("too-many-images", _body(image_urls=[f"s3://b/{i}.png" for i in range(10_000)]), "too many"),
-    ("image-urls-string", _body(image_urls="s3://b/a.png"), "field 'image_urls'"),
+    ("too-many-images", _body(image_urls=[f"s3://bkt/{i}.png" for i in range(10_000)]), "too many"),
+    ("image-urls-string", _body(image_urls="s3://bkt/a.png"), "field 'image_urls'"),
     ("file-url", _body(image_urls=["file:///etc/passwd"]), "field 'image_urls.0'"),
     ("metadata-url", _body(image_urls=["http://169.254.169.254/latest"]), "field 'image_urls.0'"),
-    ("dotdot-key", _body(image_urls=["s3://b/ok.png", "s3://b/a/../../x"]), "image_urls.1"),
-    ("absolute-key", _body(image_urls=["s3://b//etc/passwd"]), "field 'image_urls.0'"),
+    ("dotdot-key", _body(image_urls=["s3://bkt/ok.png", "s3://bkt/a/../../x"]), "image_urls.1"),
+    ("absolute-key", _body(image_urls=["s3://bkt//etc/passwd"]), "field 'image_urls.0'"),
     ("empty-bucket", _body(image_urls=["s3:///key.png"]), "field 'image_urls.0'"),
     ("empty-key", _body(image_urls=["s3://bucket/"]), "field 'image_urls.0'"),
-    ("control-char", _body(image_urls=["s3://b/a\n.png"]), "field 'image_urls.0'"),
+    ("control-char", _body(image_urls=["s3://bkt/a\n.png"]), "field 'image_urls.0'"),
     ("url-not-string", _body(image_urls=[3]), "field 'image_urls.0'"),
-    ("megabyte-url", _body(image_urls=["s3://b/" + "a" * 900_000]), "field 'image_urls.0'"),
+    ("megabyte-url", _body(image_urls=["s3://bkt/" + "a" * 900_000]), "field 'image_urls.0'"),
     ("megabyte-webhook", _body(webhook_url="http://h/" + "a" * 900_000), "field 'webhook_url'"),
     ("megabyte-body", _body(style_token="x" * 1_000_001), "bytes"),
     ("webhook-scheme", _body(webhook_url="ftp://backend/"), "field 'webhook_url'"),
@@ -116,7 +116,7 @@ def test_several_errors_are_all_named() -> None:
 
 
 def test_max_images_is_configurable() -> None:
-    urls = [f"s3://b/{i}.png" for i in range(3)]
+    urls = [f"s3://bkt/{i}.png" for i in range(3)]
     assert len(parse_job(_body(image_urls=urls), max_images=3).image_urls) == 3
     with pytest.raises(InvalidMessageError, match="too many image URLs"):
         parse_job(_body(image_urls=urls), max_images=2)
@@ -193,3 +193,16 @@ def test_job_settings_are_the_numeric_fields_only() -> None:
     # text from a message never becomes a config value (it goes to caption files as text)
     assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in values.values())
     assert "data.token" not in values
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["s3://My_Bucket/a.png", "s3://ab/a.png", "s3://192.168.0.1/a.png", "s3://bkt/dir/", "S3:/x"],
+)
+def test_message_urls_follow_the_same_rules_as_downloads(url: str) -> None:
+    from lightning_lora.layout import parse_s3_url
+
+    with pytest.raises(InvalidMessageError, match=r"field 'image_urls\.0'"):
+        parse_job(_body(image_urls=[url]))
+    with pytest.raises(InvalidMessageError, match="invalid S3 URL"):
+        parse_s3_url(url)

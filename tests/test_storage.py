@@ -17,7 +17,6 @@ from lightning_lora.clients.storage import (
     kohya_key,
     local_image_name,
     model_key,
-    parse_s3_url,
 )
 from lightning_lora.data import StyleDataModule, find_style_images, load_rgb
 from lightning_lora.errors import (
@@ -29,6 +28,7 @@ from lightning_lora.errors import (
     UploadError,
 )
 from lightning_lora.images import sniff_image_format, with_image_extension
+from lightning_lora.layout import parse_s3_url
 from tests.support.s3 import MotoS3Server, fake_aws_env
 
 

@@ -19,7 +19,6 @@ Failures are raised as :class:`~lightning_lora.errors.DownloadError`,
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -54,7 +53,15 @@ from lightning_lora.images import (
     with_image_extension,
 )
 from lightning_lora.jitter import tenacity_wait
-from lightning_lora.layout import checkpoint_prefix, kohya_key, model_key
+from lightning_lora.layout import (
+    bucket_problem,
+    checkpoint_prefix,
+    kohya_key,
+    model_key,
+    parse_s3_url,
+    shown,
+    validate_key,
+)
 
 __all__ = [
     "DEFAULT_BUCKET",
@@ -72,10 +79,7 @@ DEFAULT_BUCKET = "stylelicense-models"
 MIB = 1024 * 1024
 MAX_KEY_BYTES = 1024
 _CHUNK_BYTES = MIB
-_MAX_URL_IN_MESSAGE = 200
 _MAX_BASENAME_CHARS = 100
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _UNSAFE_NAME_CHARS_RE = re.compile(r"[^A-Za-z0-9._-]+")
 _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
 _PRECONDITION_CODES = frozenset({"412", "PreconditionFailed", "ConditionalRequestConflict", "409"})
@@ -91,108 +95,7 @@ _BOTO_ERRORS = (
 )
 
 
-# --------------------------------------------------------------------------- keys and URLs
-
-
-def _shown(url: object) -> str:
-    """Return a short, printable rendering of a (possibly hostile) URL for messages."""
-    text = repr(url)
-    if len(text) > _MAX_URL_IN_MESSAGE:
-        text = text[: _MAX_URL_IN_MESSAGE - 3] + "..."
-    return text
-
-
-def _bucket_problem(bucket: str) -> str | None:
-    """Return why ``bucket`` is not a valid S3 bucket name, or ``None`` if it is."""
-    if not _BUCKET_RE.match(bucket):
-        return "bucket name must be 3-63 lowercase letters, digits, dots or hyphens"
-    if ".." in bucket or ".-" in bucket or "-." in bucket:
-        return "bucket name has an empty or malformed label"
-    try:
-        ipaddress.ip_address(bucket)
-    except ValueError:
-        return None
-    return "bucket name must not be an IP address"
-
-
-def _key_problem(key: str) -> str | None:
-    """Return why ``key`` is not an acceptable object key, or ``None`` if it is."""
-    if not key:
-        return "object key is empty"
-    if _CONTROL_RE.search(key):
-        return "object key contains control characters"
-    if key.startswith(("/", "\\")):
-        return "object key must not be absolute (leading '/')"
-    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
-        return f"object key is longer than {MAX_KEY_BYTES} bytes"
-    if any(part in (".", "..") for part in re.split(r"[/\\]", key)):
-        return "object key must not contain '.' or '..' segments"
-    return None
-
-
-def validate_key(key: str) -> str:
-    """Check an object key built by this package or given by a caller.
-
-    Args:
-        key: The object key.
-
-    Returns:
-        ``key`` unchanged.
-
-    Raises:
-        InvalidMessageError: The key is empty, absolute, has ``..`` segments or control
-            characters, or is too long.
-    """
-    if not isinstance(key, str):
-        raise InvalidMessageError(f"invalid object key {_shown(key)}: not a string")
-    problem = _key_problem(key)
-    if problem:
-        raise InvalidMessageError(f"invalid object key {_shown(key)}: {problem}")
-    return key
-
-
-def parse_s3_url(url: str, allowed_buckets: Collection[str] | None = None) -> tuple[str, str]:
-    """Split an ``s3://bucket/key`` URL, rejecting anything else.
-
-    Args:
-        url: The URL, e.g. from a job message.
-        allowed_buckets: If given, the only buckets accepted.
-
-    Returns:
-        ``(bucket, key)``.
-
-    Raises:
-        InvalidMessageError: The URL is not a string, has another scheme (``file://``,
-            ``http://``...), an invalid or disallowed bucket, an empty, absolute or ``..`` key,
-            a key ending in ``/``, or control characters. The message names the URL.
-    """
-
-    def reject(problem: str) -> InvalidMessageError:
-        return InvalidMessageError(f"invalid S3 URL {_shown(url)}: {problem}")
-
-    if not isinstance(url, str):
-        raise reject("not a string")
-    if _CONTROL_RE.search(url):
-        raise reject("contains control characters")
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() != "s3":
-        raise reject("only s3://bucket/key URLs are accepted")
-    bucket, slash, key = rest.partition("/")
-    if not bucket:
-        raise reject("bucket is empty")
-    problem = _bucket_problem(bucket)
-    if problem:
-        raise reject(problem)
-    if allowed_buckets is not None and bucket not in allowed_buckets:
-        raise reject(f"bucket {bucket!r} is not allowed")
-    if not slash or not key:
-        raise reject("object key is empty")
-    if key.endswith("/"):
-        raise reject("object key names a folder, not an object")
-    problem = _key_problem(key)
-    if problem:
-        raise reject(problem)
-    return bucket, key
+# --------------------------------------------------------------------------- local names
 
 
 def local_image_name(index: int, key: str, width: int = 4, image_format: str | None = None) -> str:
@@ -315,7 +218,7 @@ class S3Storage:
         multipart_threshold_mb: int = 8,
     ) -> None:
         self.bucket = bucket or os.environ.get("S3_BUCKET") or DEFAULT_BUCKET
-        problem = _bucket_problem(self.bucket)
+        problem = bucket_problem(self.bucket)
         if problem:
             raise ValueError(f"invalid bucket {self.bucket!r}: {problem}")
         self.endpoint_url = (
@@ -458,7 +361,7 @@ class S3Storage:
                 fmt = _image_format_of(fetched, url)
                 path = dest / local_image_name(index, key, width, fmt)
                 if path.resolve().parent != dest.resolve():  # cannot happen; defence in depth
-                    raise InvalidMessageError(f"invalid S3 URL {_shown(url)}: unsafe file name")
+                    raise InvalidMessageError(f"invalid S3 URL {shown(url)}: unsafe file name")
                 os.replace(fetched, path)
             except OSError as exc:
                 raise DownloadError(f"could not write image {url} to disk: {exc}") from exc

@@ -40,6 +40,7 @@ from pydantic import (
 )
 
 from lightning_lora.errors import InvalidMessageError
+from lightning_lora.layout import s3_url_problem
 
 DEFAULT_MAX_IMAGES = 100
 """Default maximum number of ``image_urls`` in one job (see :func:`parse_job`)."""
@@ -47,8 +48,6 @@ DEFAULT_MAX_BODY_BYTES = 1_000_000
 """Default maximum size of a message body in bytes."""
 MAX_STYLE_ID = 2**63 - 1
 """Largest accepted ``style_id`` (a signed 64-bit database key)."""
-MAX_S3_URL_LENGTH = 1100
-"""``s3://`` + a bucket (at most 63 chars) + ``/`` + a key (at most 1024 bytes in S3)."""
 MAX_WEBHOOK_URL_LENGTH = 2048
 MAX_CAPTION_LENGTH = 2000
 MAX_CAPTION_KEY_LENGTH = 1024
@@ -59,7 +58,6 @@ MAX_REPORTED_ERRORS = 5
 
 _PEEK_MAX_BYTES = 16 * 1024 * 1024
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -83,7 +81,7 @@ def _check_no_control_chars(value: str, what: str) -> None:
 
 
 def check_s3_url(url: str) -> str:
-    """Validate an ``s3://bucket/key`` URL.
+    """Validate an ``s3://bucket/key`` URL (:func:`~lightning_lora.layout.s3_url_problem`'s rules).
 
     Args:
         url: The URL to check.
@@ -92,29 +90,12 @@ def check_s3_url(url: str) -> str:
         The URL, unchanged.
 
     Raises:
-        ValueError: If the URL is not a plain ``s3://bucket/key`` URL: another scheme, an empty
-            or malformed bucket, an empty key, a key starting with ``/``, a ``..`` or ``.``
-            path segment, control characters, or more than :data:`MAX_S3_URL_LENGTH` chars.
+        ValueError: Saying what is wrong (the field name is added by the schema); the URL
+            itself is never echoed.
     """
-    if len(url) > MAX_S3_URL_LENGTH:
-        raise ValueError(f"URL is longer than {MAX_S3_URL_LENGTH} characters")
-    _check_no_control_chars(url, "URL")
-    if not url.startswith("s3://"):
-        raise ValueError("URL must be of the form s3://bucket/key (only the s3 scheme is allowed)")
-    bucket, sep, key = url[len("s3://") :].partition("/")
-    if not bucket:
-        raise ValueError("URL has an empty bucket")
-    if not _BUCKET_RE.fullmatch(bucket):
-        raise ValueError("URL has an invalid bucket name")
-    if not sep or not key:
-        raise ValueError("URL has an empty key")
-    if key.startswith("/"):
-        raise ValueError("URL key must not start with '/'")
-    if key.endswith("/"):
-        raise ValueError("URL key must name an object, not a prefix ending with '/'")
-    segments = key.split("/")
-    if any(segment in ("..", ".") for segment in segments):
-        raise ValueError("URL key must not contain '.' or '..' path segments")
+    problem = s3_url_problem(url)
+    if problem:
+        raise ValueError(problem)
     return url
 
 
