@@ -9,7 +9,10 @@ here decodes pixels: it is cheap enough to run on every download.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+from lightning_lora.errors import InvalidImageError
 
 __all__ = [
     "EXTENSIONS_BY_FORMAT",
@@ -17,7 +20,9 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SNIFF_BYTES",
     "SUPPORTED_FORMAT_NAMES",
+    "checked_image_format",
     "describe_format",
+    "local_image_name",
     "sniff_image_format",
     "with_image_extension",
 ]
@@ -139,3 +144,56 @@ def with_image_extension(name: str, fmt: str) -> str:
     if suffix in IMAGE_EXTENSIONS:
         return stem + EXTENSION_BY_FORMAT[fmt]
     return name + EXTENSION_BY_FORMAT[fmt]
+
+
+# --------------------------------------------------------------------------- local names
+
+_MAX_BASENAME_CHARS = 100
+_UNSAFE_NAME_CHARS_RE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def local_image_name(index: int, key: str, width: int = 4, image_format: str | None = None) -> str:
+    """Return a safe, collision-free local file name for the ``index``-th image.
+
+    Only the key's basename is kept, restricted to ``[A-Za-z0-9._-]``, without leading dots
+    and capped in length (keeping the extension); the index prefix makes names unique.
+
+    Args:
+        index: Position of the image in the job's list.
+        key: The image's object key.
+        width: Zero-padding of the index.
+        image_format: The content's format (``"JPEG"``, ``"PNG"`` or ``"WEBP"``, from
+            :func:`~lightning_lora.images.sniff_image_format`): the name then ends in its
+            extension (:func:`~lightning_lora.images.with_image_extension`), whatever the key's.
+
+    Returns:
+        E.g. ``0003_1.jpg``; ``0004_3f2a9c.png`` for the key ``3f2a9c`` holding a PNG.
+    """
+    base = re.split(r"[/\\]", key)[-1]
+    base = _UNSAFE_NAME_CHARS_RE.sub("_", base).lstrip(".") or "image"
+    if image_format is not None:
+        base = with_image_extension(base, image_format)
+    if len(base) > _MAX_BASENAME_CHARS:
+        stem, dot, ext = base.rpartition(".")
+        if dot and stem and len(ext) <= 10:
+            base = f"{stem[: _MAX_BASENAME_CHARS - len(ext) - 1]}.{ext}"
+        else:
+            base = base[:_MAX_BASENAME_CHARS]
+    return f"{index:0{width}d}_{base}"
+
+
+def checked_image_format(path: Path, url: str) -> str:
+    """Return the supported format of a downloaded image, told by its first bytes.
+
+    Raises:
+        InvalidImageError: The file is empty or not a JPEG, PNG or WebP (names ``url``).
+        OSError: The file cannot be read.
+    """
+    fmt = sniff_image_format(path)
+    if fmt in EXTENSION_BY_FORMAT:
+        return fmt
+    if path.stat().st_size == 0:
+        raise InvalidImageError(f"image {url} is empty (0 bytes)")
+    raise InvalidImageError(
+        f"image {url} is {describe_format(fmt)}; supported: {SUPPORTED_FORMAT_NAMES}"
+    )

@@ -20,12 +20,9 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from lightning_lora.clients.webhook_client import (
-    WebhookClient,
-    WebhookSender,
-    complete_payload,
-    failed_payload,
-)
+from lightning_lora.clients.webhook_client import WebhookClient
+from lightning_lora.clients.webhook_payloads import complete_payload, failed_payload
+from lightning_lora.clients.webhook_sender import WebhookSender
 from lightning_lora.errors import (
     JobInterrupted,
     LightningLoraError,

@@ -47,7 +47,8 @@ from lightning_lora.callbacks.s3_checkpoint import S3CheckpointCallback, find_re
 from lightning_lora.callbacks.vram import VramCallback
 from lightning_lora.callbacks.webhook import WebhookCallback
 from lightning_lora.clients.storage import S3Storage
-from lightning_lora.clients.webhook_client import WebhookClient, WebhookSender
+from lightning_lora.clients.webhook_client import WebhookClient
+from lightning_lora.clients.webhook_sender import WebhookSender
 from lightning_lora.errors import JobInterrupted, StorageUnavailableError, UploadError
 from lightning_lora.export import LoraFiles
 from lightning_lora.job_report import JobReport

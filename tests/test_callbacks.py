@@ -34,13 +34,9 @@ from lightning_lora.callbacks.s3_checkpoint import (
 from lightning_lora.callbacks.vram import VramCallback
 from lightning_lora.callbacks.webhook import WebhookCallback
 from lightning_lora.clients.storage import S3Storage, checkpoint_prefix, kohya_key, model_key
-from lightning_lora.clients.webhook_client import (
-    COMPLETE_PATH,
-    FAILED_PATH,
-    PROGRESS_PATH,
-    WebhookClient,
-    WebhookSender,
-)
+from lightning_lora.clients.webhook_client import WebhookClient
+from lightning_lora.clients.webhook_payloads import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
+from lightning_lora.clients.webhook_sender import WebhookSender
 from lightning_lora.errors import InvalidImageError, UploadError
 from lightning_lora.job_report import JobReport
 from lightning_lora.reporting import build_sender, report_completion, run_reported_training

@@ -23,11 +23,8 @@ import lightning as L
 import pika
 import pytest
 
-from lightning_lora.clients.webhook_client import (
-    COMPLETE_PATH,
-    PROGRESS_PATH,
-    verify_webhook,
-)
+from lightning_lora.clients.webhook_client import verify_webhook
+from lightning_lora.clients.webhook_payloads import COMPLETE_PATH, PROGRESS_PATH
 from lightning_lora.job_report import error_message_of
 from lightning_lora.layout import lease_key, outcome_key
 from lightning_lora.worker.broker import BrokerSettings, publish_dead_letter

@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from lightning_lora.clients.storage import S3Storage
-from lightning_lora.clients.webhook_client import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
+from lightning_lora.clients.webhook_payloads import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
 from lightning_lora.data import StyleDataModule, load_rgb, preprocess
 from lightning_lora.errors import InvalidImageError
 from lightning_lora.layout import outcome_key

@@ -15,7 +15,6 @@ from lightning_lora.clients.storage import (
     S3Storage,
     checkpoint_prefix,
     kohya_key,
-    local_image_name,
     model_key,
 )
 from lightning_lora.data import StyleDataModule, find_style_images, load_rgb
@@ -27,7 +26,7 @@ from lightning_lora.errors import (
     StorageUnavailableError,
     UploadError,
 )
-from lightning_lora.images import sniff_image_format, with_image_extension
+from lightning_lora.images import local_image_name, sniff_image_format, with_image_extension
 from lightning_lora.layout import parse_s3_url
 from tests.support.s3 import MotoS3Server, fake_aws_env
 
@@ -115,7 +114,6 @@ def test_key_helpers() -> None:
     assert model_key(7) == "models/style_7/lora_weights.safetensors"
     assert kohya_key(7) == "models/style_7/lora_kohya.safetensors"
     assert checkpoint_prefix(7) == "checkpoints/style_7/"
-    assert S3Storage.model_key(3) == model_key(3)
     with pytest.raises(ValueError, match="style_id"):
         model_key(-1)
     with pytest.raises(ValueError, match="run id"):

@@ -8,14 +8,14 @@ import time
 
 import pytest
 
-from lightning_lora.clients.webhook_client import (
+from lightning_lora.clients.webhook_client import WebhookClient
+from lightning_lora.clients.webhook_payloads import (
     COMPLETE_PATH,
     FAILED_PATH,
     MAX_ERROR_MESSAGE_CHARS,
     PROGRESS_PATH,
-    WebhookClient,
-    WebhookSender,
 )
+from lightning_lora.clients.webhook_sender import WebhookSender
 from lightning_lora.redaction import RedactingFilter, install_redaction, redact
 from tests.support.receiver import RecordedRequest, Reply, WebhookReceiver
 

@@ -20,7 +20,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from lightning_lora.clients.storage import S3Storage, checkpoint_prefix, model_key
-from lightning_lora.clients.webhook_client import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
+from lightning_lora.clients.webhook_payloads import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
 from lightning_lora.worker.app import TrainingWorker, split_config
 from lightning_lora.worker.broker import BrokerSettings, publish_job
 from lightning_lora.worker.cli import compose_worker_config

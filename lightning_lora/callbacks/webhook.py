@@ -3,7 +3,7 @@
 :class:`WebhookCallback` reports to the platform backend (contract: ``PATCH
 {webhook_url}/api/webhooks/training/progress`` and ``POST .../failed``, see
 :mod:`lightning_lora.clients.webhook_client`) through a
-:class:`~lightning_lora.clients.webhook_client.WebhookSender`, so the training loop never waits on
+:class:`~lightning_lora.clients.webhook_sender.WebhookSender`, so the training loop never waits on
 the network:
 
 * **progress**: one report when training starts, then at most one per ``interval_s`` seconds of
@@ -42,7 +42,8 @@ from typing import Any
 
 import lightning as L
 
-from lightning_lora.clients.webhook_client import WebhookClient, WebhookSender
+from lightning_lora.clients.webhook_client import WebhookClient
+from lightning_lora.clients.webhook_sender import WebhookSender
 from lightning_lora.job_report import JobReport, error_message_of
 
 __all__ = ["WebhookCallback", "error_message_of"]

@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import time
 import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,25 +32,24 @@ import boto3.exceptions
 import boto3.s3.transfer
 import botocore.config
 import botocore.exceptions
-import tenacity
 
+from lightning_lora.clients.s3_retry import (
+    BOTO_ERRORS,
+    DEFAULT_RETRY_BUDGET_S,
+    describe,
+    is_not_found,
+    is_precondition_failed,
+    retrying,
+)
 from lightning_lora.errors import (
     DatasetError,
     DownloadError,
     InvalidImageError,
     InvalidMessageError,
     PreconditionFailedError,
-    StorageUnavailableError,
     UploadError,
 )
-from lightning_lora.images import (
-    EXTENSION_BY_FORMAT,
-    SUPPORTED_FORMAT_NAMES,
-    describe_format,
-    sniff_image_format,
-    with_image_extension,
-)
-from lightning_lora.jitter import tenacity_wait
+from lightning_lora.images import checked_image_format, local_image_name
 from lightning_lora.layout import (
     bucket_problem,
     checkpoint_prefix,
@@ -79,112 +76,9 @@ DEFAULT_BUCKET = "stylelicense-models"
 MIB = 1024 * 1024
 MAX_KEY_BYTES = 1024
 _CHUNK_BYTES = MIB
-_MAX_BASENAME_CHARS = 100
-_UNSAFE_NAME_CHARS_RE = re.compile(r"[^A-Za-z0-9._-]+")
-_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
-_PRECONDITION_CODES = frozenset({"412", "PreconditionFailed", "ConditionalRequestConflict", "409"})
-_TRANSIENT_CODES = frozenset(
-    {"RequestTimeout", "SlowDown", "InternalError", "ServiceUnavailable", "Throttling"}
-)
-DEFAULT_RETRY_BUDGET_S = 300.0
-"""Default seconds an S3 operation keeps retrying transient failures (``S3_RETRY_BUDGET_S``)."""
-_BOTO_ERRORS = (
-    botocore.exceptions.BotoCoreError,
-    botocore.exceptions.ClientError,
-    boto3.exceptions.Boto3Error,
-)
 
 
 # --------------------------------------------------------------------------- local names
-
-
-def local_image_name(index: int, key: str, width: int = 4, image_format: str | None = None) -> str:
-    """Return a safe, collision-free local file name for the ``index``-th image.
-
-    Only the key's basename is kept, restricted to ``[A-Za-z0-9._-]``, without leading dots
-    and capped in length (keeping the extension); the index prefix makes names unique.
-
-    Args:
-        index: Position of the image in the job's list.
-        key: The image's object key.
-        width: Zero-padding of the index.
-        image_format: The content's format (``"JPEG"``, ``"PNG"`` or ``"WEBP"``, from
-            :func:`~lightning_lora.images.sniff_image_format`): the name then ends in its
-            extension (:func:`~lightning_lora.images.with_image_extension`), whatever the key's.
-
-    Returns:
-        E.g. ``0003_1.jpg``; ``0004_3f2a9c.png`` for the key ``3f2a9c`` holding a PNG.
-    """
-    base = re.split(r"[/\\]", key)[-1]
-    base = _UNSAFE_NAME_CHARS_RE.sub("_", base).lstrip(".") or "image"
-    if image_format is not None:
-        base = with_image_extension(base, image_format)
-    if len(base) > _MAX_BASENAME_CHARS:
-        stem, dot, ext = base.rpartition(".")
-        if dot and stem and len(ext) <= 10:
-            base = f"{stem[: _MAX_BASENAME_CHARS - len(ext) - 1]}.{ext}"
-        else:
-            base = base[:_MAX_BASENAME_CHARS]
-    return f"{index:0{width}d}_{base}"
-
-
-def _image_format_of(path: Path, url: str) -> str:
-    """Return the supported format of a downloaded image, told by its first bytes.
-
-    Raises:
-        InvalidImageError: The file is empty or not a JPEG, PNG or WebP (names ``url``).
-        OSError: The file cannot be read.
-    """
-    fmt = sniff_image_format(path)
-    if fmt in EXTENSION_BY_FORMAT:
-        return fmt
-    if path.stat().st_size == 0:
-        raise InvalidImageError(f"image {url} is empty (0 bytes)")
-    raise InvalidImageError(
-        f"image {url} is {describe_format(fmt)}; supported: {SUPPORTED_FORMAT_NAMES}"
-    )
-
-
-def _error_code(exc: BaseException) -> str:
-    if isinstance(exc, botocore.exceptions.ClientError):
-        error = exc.response.get("Error", {})
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return str(error.get("Code") or status or "")
-    return ""
-
-
-def _is_not_found(exc: BaseException) -> bool:
-    return _error_code(exc) in _NOT_FOUND_CODES
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Whether an S3 failure may go away by itself (connection trouble, timeouts, 5xx, 429)."""
-    if isinstance(
-        exc,
-        botocore.exceptions.ConnectionError
-        | botocore.exceptions.HTTPClientError
-        | botocore.exceptions.ReadTimeoutError,
-    ):
-        return True
-    if isinstance(exc, boto3.exceptions.S3UploadFailedError):
-        cause = exc.__cause__ or exc.__context__
-        return cause is not None and _is_transient(cause)
-    if isinstance(exc, botocore.exceptions.ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        return status >= 500 or status == 429 or _error_code(exc) in _TRANSIENT_CODES
-    return False
-
-
-def _is_precondition_failed(exc: BaseException) -> bool:
-    return isinstance(exc, botocore.exceptions.ClientError) and (
-        _error_code(exc) in _PRECONDITION_CODES
-        or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    """Return a short description of a boto error (no credentials ever appear in these)."""
-    return f"{type(exc).__name__}: {exc}"
 
 
 # --------------------------------------------------------------------------- storage
@@ -253,44 +147,6 @@ class S3Storage:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(bucket={self.bucket!r}, endpoint_url={self.endpoint_url!r})"
 
-    def _retrying(self, what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run ``call`` until it succeeds, fails for good, or the retry budget is spent.
-
-        Raises:
-            StorageUnavailableError: Transient failures lasted the whole budget (names ``what``).
-            Exception: A non-transient failure, at once (e.g. 404, 403, 412).
-        """
-        started = time.monotonic()
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_delay(self.retry_budget_s),
-            wait=tenacity_wait(0.25, 15.0),
-            retry=tenacity.retry_if_exception(_is_transient),
-            before_sleep=lambda state: logger.warning(
-                "S3 %s failed (%s); retrying (attempt %d, %.0fs of the %.0fs budget used)",
-                what,
-                type(state.outcome.exception()).__name__,
-                state.attempt_number,
-                time.monotonic() - started,
-                self.retry_budget_s,
-            ),
-            reraise=True,
-        )
-        try:
-            return retrying(call, *args, **kwargs)
-        except Exception as exc:
-            if _is_transient(exc):
-                raise StorageUnavailableError(
-                    f"S3 unreachable for {time.monotonic() - started:.0f}s while trying to {what}"
-                    f" ({_describe(exc)}); the job will be retried"
-                ) from exc
-            raise
-
-    # ----------------------------------------------------------------- naming
-
-    model_key = staticmethod(model_key)
-    kohya_key = staticmethod(kohya_key)
-    checkpoint_prefix = staticmethod(checkpoint_prefix)
-
     def s3_url(self, key: str) -> str:
         """Return ``s3://{bucket}/{key}``."""
         return f"s3://{self.bucket}/{key}"
@@ -358,7 +214,7 @@ class S3Storage:
             fetched = dest / f".{index:0{width}d}.download"  # hidden until its type is known
             total += self._get_to_file(bucket, key, url, fetched, max_bytes_per_file)
             try:
-                fmt = _image_format_of(fetched, url)
+                fmt = checked_image_format(fetched, url)
                 path = dest / local_image_name(index, key, width, fmt)
                 if path.resolve().parent != dest.resolve():  # cannot happen; defence in depth
                     raise InvalidMessageError(f"invalid S3 URL {shown(url)}: unsafe file name")
@@ -373,8 +229,10 @@ class S3Storage:
 
     def _head_size(self, bucket: str, key: str, url: str) -> int:
         try:
-            head = self._retrying(f"read {url}", self.client.head_object, Bucket=bucket, Key=key)
-        except _BOTO_ERRORS as exc:
+            head = retrying(
+                self.retry_budget_s, f"read {url}", self.client.head_object, Bucket=bucket, Key=key
+            )
+        except BOTO_ERRORS as exc:
             raise self._download_error(url, exc) from exc
         return int(head.get("ContentLength") or 0)
 
@@ -396,9 +254,9 @@ class S3Storage:
             return written
 
         try:
-            written = self._retrying(f"download {url}", attempt)
+            written = retrying(self.retry_budget_s, f"download {url}", attempt)
             os.replace(part, path)
-        except _BOTO_ERRORS as exc:
+        except BOTO_ERRORS as exc:
             raise self._download_error(url, exc) from exc
         except OSError as exc:
             raise DownloadError(f"could not write image {url} to disk: {exc}") from exc
@@ -408,9 +266,9 @@ class S3Storage:
 
     @staticmethod
     def _download_error(url: str, exc: BaseException) -> DownloadError:
-        if _is_not_found(exc):
+        if is_not_found(exc):
             return DownloadError(f"object {url} not found")
-        return DownloadError(f"could not download {url}: {_describe(exc)}")
+        return DownloadError(f"could not download {url}: {describe(exc)}")
 
     # ----------------------------------------------------------------- single objects
 
@@ -443,7 +301,8 @@ class S3Storage:
         if extra_metadata:
             extra_args["Metadata"] = {str(k): str(v) for k, v in extra_metadata.items()}
         try:
-            self._retrying(
+            retrying(
+                self.retry_budget_s,
                 f"upload {url}",
                 self.client.upload_file,
                 str(source),
@@ -452,8 +311,8 @@ class S3Storage:
                 ExtraArgs=extra_args,
                 Config=self.transfer_config,
             )
-        except _BOTO_ERRORS as exc:
-            raise UploadError(f"could not upload {source.name} to {url}: {_describe(exc)}") from exc
+        except BOTO_ERRORS as exc:
+            raise UploadError(f"could not upload {source.name} to {url}: {describe(exc)}") from exc
         logger.info("uploaded %s (%d bytes) to %s", source.name, source.stat().st_size, url)
         return url
 
@@ -477,7 +336,8 @@ class S3Storage:
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
         try:
-            self._retrying(
+            retrying(
+                self.retry_budget_s,
                 f"download {url}",
                 self.client.download_file,
                 self.bucket,
@@ -486,7 +346,7 @@ class S3Storage:
                 Config=self.transfer_config,
             )
             os.replace(part, target)
-        except _BOTO_ERRORS as exc:
+        except BOTO_ERRORS as exc:
             raise self._download_error(url, exc) from exc
         finally:
             part.unlink(missing_ok=True)
@@ -500,11 +360,15 @@ class S3Storage:
         """
         validate_key(key)
         try:
-            self._retrying(
-                f"read {self.s3_url(key)}", self.client.head_object, Bucket=self.bucket, Key=key
+            retrying(
+                self.retry_budget_s,
+                f"read {self.s3_url(key)}",
+                self.client.head_object,
+                Bucket=self.bucket,
+                Key=key,
             )
-        except _BOTO_ERRORS as exc:
-            if _is_not_found(exc):
+        except BOTO_ERRORS as exc:
+            if is_not_found(exc):
                 return False
             raise self._download_error(self.s3_url(key), exc) from exc
         return True
@@ -529,10 +393,10 @@ class S3Storage:
             return keys
 
         try:
-            keys = self._retrying(f"list {self.s3_url(prefix)}", attempt)
-        except _BOTO_ERRORS as exc:
+            keys = retrying(self.retry_budget_s, f"list {self.s3_url(prefix)}", attempt)
+        except BOTO_ERRORS as exc:
             url = self.s3_url(prefix)
-            raise DownloadError(f"could not list {url}: {_describe(exc)}") from exc
+            raise DownloadError(f"could not list {url}: {describe(exc)}") from exc
         return sorted(keys)
 
     def delete_keys(self, keys: Iterable[str]) -> int:
@@ -548,15 +412,16 @@ class S3Storage:
         for start in range(0, len(batch), 1000):
             chunk = batch[start : start + 1000]
             try:
-                response = self._retrying(
+                response = retrying(
+                    self.retry_budget_s,
                     f"delete {self.s3_url(chunk[0])}...",
                     self.client.delete_objects,
                     Bucket=self.bucket,
                     Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True},
                 )
-            except _BOTO_ERRORS as exc:
+            except BOTO_ERRORS as exc:
                 url = self.s3_url(chunk[0])
-                raise UploadError(f"could not delete {url}...: {_describe(exc)}") from exc
+                raise UploadError(f"could not delete {url}...: {describe(exc)}") from exc
             errors = response.get("Errors") or []
             if errors:
                 first = errors[0]
@@ -587,9 +452,9 @@ class S3Storage:
                 return body.read(), str(response.get("ETag", ""))
 
         try:
-            raw, etag = self._retrying(f"read {url}", attempt)
-        except _BOTO_ERRORS as exc:
-            if _is_not_found(exc):
+            raw, etag = retrying(self.retry_budget_s, f"read {url}", attempt)
+        except BOTO_ERRORS as exc:
+            if is_not_found(exc):
                 return None
             raise self._download_error(url, exc) from exc
         try:
@@ -637,11 +502,11 @@ class S3Storage:
         if if_match is not None:
             args["IfMatch"] = if_match
         try:
-            response = self._retrying(f"write {url}", self.client.put_object, **args)
-        except _BOTO_ERRORS as exc:
-            if _is_precondition_failed(exc):
+            response = retrying(self.retry_budget_s, f"write {url}", self.client.put_object, **args)
+        except BOTO_ERRORS as exc:
+            if is_precondition_failed(exc):
                 raise PreconditionFailedError(f"{url} was written by someone else") from exc
-            raise UploadError(f"could not write {url}: {_describe(exc)}") from exc
+            raise UploadError(f"could not write {url}: {describe(exc)}") from exc
         return str(response.get("ETag", ""))
 
     def delete_key(self, key: str, *, if_match: str | None = None) -> bool:
@@ -659,13 +524,15 @@ class S3Storage:
         if if_match is not None:
             args["IfMatch"] = if_match
         try:
-            self._retrying(f"delete {self.s3_url(key)}", self.client.delete_object, **args)
-        except _BOTO_ERRORS as exc:
-            if _is_precondition_failed(exc):
+            retrying(
+                self.retry_budget_s, f"delete {self.s3_url(key)}", self.client.delete_object, **args
+            )
+        except BOTO_ERRORS as exc:
+            if is_precondition_failed(exc):
                 return False
-            if _is_not_found(exc):
+            if is_not_found(exc):
                 return True
-            raise UploadError(f"could not delete {self.s3_url(key)}: {_describe(exc)}") from exc
+            raise UploadError(f"could not delete {self.s3_url(key)}: {describe(exc)}") from exc
         return True
 
     def head_bucket(self) -> None:
@@ -676,5 +543,5 @@ class S3Storage:
         """
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except _BOTO_ERRORS as exc:
-            raise DownloadError(f"bucket s3://{self.bucket}: {_describe(exc)}") from exc
+        except BOTO_ERRORS as exc:
+            raise DownloadError(f"bucket s3://{self.bucket}: {describe(exc)}") from exc

@@ -19,15 +19,15 @@ also, for deduplication and authenticity (Standard Webhooks):
 
 The token never appears in logs, exception messages or reprs.
 
-:class:`WebhookClient` makes the calls synchronously; :class:`WebhookSender` makes them from a
-daemon thread so that the training loop never waits on the network.
+:class:`WebhookClient` makes the calls synchronously (payloads from
+:mod:`lightning_lora.clients.webhook_payloads`);
+:class:`~lightning_lora.clients.webhook_sender.WebhookSender` makes them from a daemon thread so
+that the training loop never waits on the network.
 """
 
 from __future__ import annotations
 
 import base64
-import collections
-import dataclasses
 import email.utils
 import hashlib
 import hmac
@@ -35,164 +35,40 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Self
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import requests
 
+from lightning_lora.clients.webhook_payloads import (
+    COMPLETE_PATH,
+    FAILED_PATH,
+    PROGRESS_PATH,
+    complete_payload,
+    failed_payload,
+    progress_payload,
+)
 from lightning_lora.jitter import RNG
-from lightning_lora.redaction import MASK, redact
+from lightning_lora.redaction import redact
 
 __all__ = [
-    "COMPLETE_PATH",
-    "FAILED_PATH",
-    "MAX_ERROR_MESSAGE_CHARS",
-    "PROGRESS_PATH",
-    "SenderStats",
+    "SIGNING_SECRET_ENV_VAR",
+    "TOKEN_ENV_VAR",
     "WebhookClient",
-    "WebhookSender",
-    "complete_payload",
-    "failed_payload",
-    "progress_payload",
+    "new_event_id",
     "sign_webhook",
     "verify_webhook",
 ]
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_PATH = "/api/webhooks/training/progress"
-COMPLETE_PATH = "/api/webhooks/training/complete"
-FAILED_PATH = "/api/webhooks/training/failed"
-
 TOKEN_ENV_VAR = "INTERNAL_API_TOKEN"
 SIGNING_SECRET_ENV_VAR = "WEBHOOK_SIGNING_SECRET"
 REQUEST_SOURCE = "training-server"
-MAX_ERROR_MESSAGE_CHARS = 2000
 RETRYABLE_STATUSES = frozenset({408, 429})
-REQUIRED_METADATA_KEYS = ("training_epochs", "lora_rank", "lora_alpha")
-_TRUNCATION_MARK = "... [truncated]"
 _MIN_ATTEMPT_TIMEOUT_S = 0.05
-
-
-# --------------------------------------------------------------------------- payloads
-
-
-def _check_style_id(style_id: int) -> int:
-    if isinstance(style_id, bool) or not isinstance(style_id, int):
-        raise TypeError(f"style_id must be an int, got {type(style_id).__name__}")
-    return style_id
-
-
-def _jsonable(value: Any) -> Any:
-    """Return ``value`` with non-finite floats as ``None`` and unknown objects as strings."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, str | int | bool):
-        return value
-    item = getattr(value, "item", None)  # numpy / torch scalars, without importing them
-    if callable(item):
-        try:
-            return _jsonable(item())
-        except (TypeError, ValueError):
-            pass
-    return str(value)
-
-
-def progress_payload(
-    style_id: int,
-    current_epoch: int,
-    total_epochs: int,
-    progress_percent: int,
-    estimated_seconds: int,
-) -> dict[str, Any]:
-    """Build the progress webhook body.
-
-    Args:
-        style_id: The style being trained.
-        current_epoch: Epochs done so far.
-        total_epochs: Epochs planned.
-        progress_percent: Overall progress, clamped to 0..100.
-        estimated_seconds: Estimated seconds left, at least 0.
-
-    Returns:
-        ``{"style_id": ..., "progress": {...}}`` with integer fields.
-    """
-    return {
-        "style_id": _check_style_id(style_id),
-        "progress": {
-            "current_epoch": max(0, int(current_epoch)),
-            "total_epochs": max(0, int(total_epochs)),
-            "progress_percent": min(100, max(0, int(progress_percent))),
-            "estimated_seconds": max(0, int(estimated_seconds)),
-        },
-    }
-
-
-def complete_payload(style_id: int, model_url: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """Build the completion webhook body.
-
-    Args:
-        style_id: The style trained.
-        model_url: ``s3://bucket/key`` of the final LoRA.
-        metadata: Training facts; should hold ``training_epochs``, ``lora_rank`` and
-            ``lora_alpha``. Non-finite floats become ``null``.
-
-    Returns:
-        ``{"style_id": ..., "model_url": ..., "metadata": {...}}``.
-    """
-    if not isinstance(model_url, str) or not model_url.startswith("s3://"):
-        raise ValueError("model_url must be an s3:// URL")
-    if not isinstance(metadata, Mapping):
-        raise TypeError("metadata must be a mapping")
-    missing = [key for key in REQUIRED_METADATA_KEYS if key not in metadata]
-    if missing:
-        logger.warning("completion metadata for style %s lacks %s", style_id, ", ".join(missing))
-    return {
-        "style_id": _check_style_id(style_id),
-        "model_url": model_url,
-        "metadata": _jsonable(dict(metadata)),
-    }
-
-
-def truncate(text: str, limit: int = MAX_ERROR_MESSAGE_CHARS) -> str:
-    """Cut ``text`` to at most ``limit`` characters, marking the cut."""
-    if len(text) <= limit:
-        return text
-    return text[: max(0, limit - len(_TRUNCATION_MARK))] + _TRUNCATION_MARK
-
-
-def failed_payload(
-    style_id: int, error_message: str, error_code: str, extra_secrets: Iterable[str] = ()
-) -> dict[str, Any]:
-    """Build the failure webhook body; the message is redacted and truncated.
-
-    Args:
-        style_id: The style whose training failed.
-        error_message: Human-readable reason; secrets are masked (see
-            :func:`~lightning_lora.redaction.redact`) and it is cut to
-            :data:`MAX_ERROR_MESSAGE_CHARS` characters.
-        error_code: Machine-readable code (see ``lightning_lora.errors``).
-        extra_secrets: More values to mask (e.g. a token not taken from the environment).
-
-    Returns:
-        ``{"style_id": ..., "error_message": ..., "error_code": ...}``.
-    """
-    message = str(error_message)
-    for secret in extra_secrets:
-        if secret:
-            message = message.replace(secret, MASK)
-    return {
-        "style_id": _check_style_id(style_id),
-        "error_message": truncate(redact(message)),
-        "error_code": str(error_code) or "TRAINING_FAILED",
-    }
 
 
 # --------------------------------------------------------------------------- signatures
@@ -543,244 +419,3 @@ class WebhookClient:
             logger.info("webhook %s delivered after %d attempt(s)", label, attempt)
         else:
             logger.debug("webhook %s delivered", label)
-
-
-# --------------------------------------------------------------------------- sender
-
-
-@dataclasses.dataclass
-class SenderStats:
-    """Counters of a :class:`WebhookSender` (a snapshot when read from ``stats``)."""
-
-    progress_posted: int = 0
-    progress_replaced: int = 0
-    progress_sent: int = 0
-    progress_failed: int = 0
-    reliable_posted: int = 0
-    reliable_sent: int = 0
-    reliable_failed: int = 0
-    rejected_after_close: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class _Job:
-    kind: str  # "progress", "complete" or "failed"
-    method: str
-    path: str
-    payload: dict[str, Any]
-    event_id: str = dataclasses.field(default_factory=new_event_id)
-    timestamp: int = dataclasses.field(default_factory=lambda: int(time.time()))
-
-    @property
-    def reliable(self) -> bool:
-        return self.kind != "progress"
-
-
-class WebhookSender:
-    """Sends webhooks from a daemon thread so callers never wait on the network.
-
-    Progress reports are coalesced: only the latest one not yet sent is kept. Completion and
-    failure reports are queued and sent in order, each after any progress posted before it, and
-    are never replaced. All methods are thread-safe.
-
-    Args:
-        client: The client that makes the calls.
-        name: Name of the background thread.
-    """
-
-    def __init__(self, client: WebhookClient, name: str = "webhook-sender") -> None:
-        self.client = client
-        self._cond = threading.Condition()
-        self._queue: collections.deque[_Job] = collections.deque()
-        self._pending_progress: _Job | None = None
-        self._busy = False
-        self._closed = False
-        self._stats = SenderStats()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(client={self.client!r}, closed={self._closed})"
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @property
-    def stats(self) -> SenderStats:
-        """A snapshot of the counters."""
-        with self._cond:
-            return dataclasses.replace(self._stats)
-
-    @property
-    def is_alive(self) -> bool:
-        """Whether the background thread is running."""
-        return self._thread.is_alive()
-
-    # ----------------------------------------------------------------- posting
-
-    def post_progress(
-        self,
-        style_id: int,
-        current_epoch: int,
-        total_epochs: int,
-        progress_percent: int,
-        estimated_seconds: int,
-    ) -> bool:
-        """Queue a progress report, replacing any not yet sent; returns at once, never raises.
-
-        Returns:
-            Whether it was accepted (``False`` once closed or for invalid arguments).
-        """
-        try:
-            payload = progress_payload(
-                style_id, current_epoch, total_epochs, progress_percent, estimated_seconds
-            )
-        except Exception as exc:
-            logger.warning("progress report ignored: %s", redact(repr(exc)))
-            return False
-        job = _Job("progress", "PATCH", PROGRESS_PATH, payload)
-        with self._cond:
-            if self._closed:
-                self._stats.rejected_after_close += 1
-                return False
-            if self._pending_progress is not None:
-                self._stats.progress_replaced += 1
-            self._pending_progress = job
-            self._stats.progress_posted += 1
-            self._cond.notify_all()
-        return True
-
-    def post_complete(self, style_id: int, model_url: str, metadata: Mapping[str, Any]) -> bool:
-        """Queue a completion report (sent with retries, never dropped).
-
-        Returns:
-            Whether it was accepted (``False`` once closed).
-
-        Raises:
-            TypeError, ValueError: The arguments cannot form a valid payload.
-        """
-        payload = complete_payload(style_id, model_url, metadata)
-        return self._post_reliable(_Job("complete", "POST", COMPLETE_PATH, payload))
-
-    def post_failed(self, style_id: int, error_message: str, error_code: str) -> bool:
-        """Queue a failure report (sent with retries, never dropped).
-
-        Returns:
-            Whether it was accepted (``False`` once closed).
-
-        Raises:
-            TypeError: ``style_id`` is not an int.
-        """
-        payload = failed_payload(style_id, error_message, error_code, self.client._secrets())
-        return self._post_reliable(_Job("failed", "POST", FAILED_PATH, payload))
-
-    def _post_reliable(self, job: _Job) -> bool:
-        with self._cond:
-            if self._closed:
-                self._stats.rejected_after_close += 1
-                logger.error(
-                    "webhook sender closed: %s report for style %s not sent",
-                    job.kind,
-                    job.payload["style_id"],
-                )
-                return False
-            if self._pending_progress is not None:  # keep order: earlier progress goes first
-                self._queue.append(self._pending_progress)
-                self._pending_progress = None
-            self._queue.append(job)
-            self._stats.reliable_posted += 1
-            self._cond.notify_all()
-        return True
-
-    # ----------------------------------------------------------------- flushing
-
-    def _idle(self) -> bool:
-        return not self._queue and self._pending_progress is None and not self._busy
-
-    def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until everything posted so far has been sent or given up.
-
-        Args:
-            timeout_s: Most seconds to wait; ``None`` waits without limit.
-
-        Returns:
-            Whether the sender became idle in time.
-        """
-        with self._cond:
-            return self._cond.wait_for(self._idle, timeout=timeout_s)
-
-    def close(self, timeout_s: float | None = 30.0) -> bool:
-        """Flush, then stop the thread; later posts are rejected.
-
-        Args:
-            timeout_s: Most seconds to wait for the flush and the thread.
-
-        Returns:
-            Whether everything was sent (or given up) and the thread stopped in time.
-        """
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        flushed = self.flush(timeout_s)
-        with self._cond:
-            self._closed = True
-            unsent = len(self._queue) + (self._pending_progress is not None)
-            self._cond.notify_all()
-        if not flushed:
-            logger.error("webhook sender closed with %d report(s) still unsent", unsent)
-        if self._thread is not threading.current_thread():
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self._thread.join(remaining)
-        return flushed and not self._thread.is_alive()
-
-    # ----------------------------------------------------------------- thread
-
-    def _next_job(self) -> _Job | None:
-        """Block until a job is due (``None`` when closed and nothing is due)."""
-        with self._cond:
-            self._cond.wait_for(
-                lambda: self._closed or self._queue or self._pending_progress is not None
-            )
-            if self._queue:
-                job = self._queue.popleft()
-            elif self._pending_progress is not None:
-                job, self._pending_progress = self._pending_progress, None
-            else:
-                return None
-            self._busy = True
-            return job
-
-    def _run(self) -> None:
-        while True:
-            job = self._next_job()
-            if job is None:
-                return
-            ok = False
-            try:
-                ok = self.client.send(
-                    job.method,
-                    job.path,
-                    job.payload,
-                    retry=job.reliable,
-                    event_id=job.event_id,
-                    timestamp=job.timestamp,
-                )
-            except Exception as exc:
-                logger.error("webhook %s failed unexpectedly: %s", job.kind, redact(repr(exc)))
-            finally:
-                with self._cond:
-                    self._count(job, ok)
-                    self._busy = False
-                    self._cond.notify_all()
-
-    def _count(self, job: _Job, ok: bool) -> None:
-        if job.reliable:
-            if ok:
-                self._stats.reliable_sent += 1
-            else:
-                self._stats.reliable_failed += 1
-        elif ok:
-            self._stats.progress_sent += 1
-        else:
-            self._stats.progress_failed += 1

@@ -228,7 +228,7 @@ class TrainingWorker:
         )
 
     def _report(self, job_url: str, run: RunRef, body: bytes, rewrite: Any = None) -> JobReport:
-        from lightning_lora.clients.webhook_client import WebhookSender
+        from lightning_lora.clients.webhook_sender import WebhookSender
 
         sender = WebhookSender(self._client(job_url))
         sink = DurableSink(self.ledger, run, job_url, self._client(job_url), body, sender)

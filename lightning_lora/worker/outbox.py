@@ -20,13 +20,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from lightning_lora.clients.storage import S3Storage
-from lightning_lora.clients.webhook_client import (
-    COMPLETE_PATH,
-    FAILED_PATH,
-    WebhookClient,
-    WebhookSender,
-    complete_payload,
-)
+from lightning_lora.clients.webhook_client import WebhookClient
+from lightning_lora.clients.webhook_payloads import COMPLETE_PATH, FAILED_PATH, complete_payload
+from lightning_lora.clients.webhook_sender import WebhookSender
 from lightning_lora.errors import PreconditionFailedError, StorageUnavailableError
 from lightning_lora.jitter import RNG
 from lightning_lora.layout import OUTBOX_PREFIX

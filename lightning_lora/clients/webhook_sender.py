@@ -1,0 +1,264 @@
+"""Webhooks sent from a daemon thread, so that the training loop never waits on the network."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any, Self
+
+from lightning_lora.clients.webhook_client import WebhookClient, new_event_id
+from lightning_lora.clients.webhook_payloads import (
+    COMPLETE_PATH,
+    FAILED_PATH,
+    PROGRESS_PATH,
+    complete_payload,
+    failed_payload,
+    progress_payload,
+)
+from lightning_lora.redaction import redact
+
+__all__ = ["SenderStats", "WebhookSender"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SenderStats:
+    """Counters of a :class:`WebhookSender` (a snapshot when read from ``stats``)."""
+
+    progress_posted: int = 0
+    progress_replaced: int = 0
+    progress_sent: int = 0
+    progress_failed: int = 0
+    reliable_posted: int = 0
+    reliable_sent: int = 0
+    reliable_failed: int = 0
+    rejected_after_close: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    kind: str  # "progress", "complete" or "failed"
+    method: str
+    path: str
+    payload: dict[str, Any]
+    event_id: str = dataclasses.field(default_factory=new_event_id)
+    timestamp: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    @property
+    def reliable(self) -> bool:
+        return self.kind != "progress"
+
+
+class WebhookSender:
+    """Sends webhooks from a daemon thread so callers never wait on the network.
+
+    Progress reports are coalesced: only the latest one not yet sent is kept. Completion and
+    failure reports are queued and sent in order, each after any progress posted before it, and
+    are never replaced. All methods are thread-safe.
+
+    Args:
+        client: The client that makes the calls.
+        name: Name of the background thread.
+    """
+
+    def __init__(self, client: WebhookClient, name: str = "webhook-sender") -> None:
+        self.client = client
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._pending_progress: _Job | None = None
+        self._busy = False
+        self._closed = False
+        self._stats = SenderStats()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(client={self.client!r}, closed={self._closed})"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def stats(self) -> SenderStats:
+        """A snapshot of the counters."""
+        with self._cond:
+            return dataclasses.replace(self._stats)
+
+    @property
+    def is_alive(self) -> bool:
+        """Whether the background thread is running."""
+        return self._thread.is_alive()
+
+    # ----------------------------------------------------------------- posting
+
+    def post_progress(
+        self,
+        style_id: int,
+        current_epoch: int,
+        total_epochs: int,
+        progress_percent: int,
+        estimated_seconds: int,
+    ) -> bool:
+        """Queue a progress report, replacing any not yet sent; returns at once, never raises.
+
+        Returns:
+            Whether it was accepted (``False`` once closed or for invalid arguments).
+        """
+        try:
+            payload = progress_payload(
+                style_id, current_epoch, total_epochs, progress_percent, estimated_seconds
+            )
+        except Exception as exc:
+            logger.warning("progress report ignored: %s", redact(repr(exc)))
+            return False
+        job = _Job("progress", "PATCH", PROGRESS_PATH, payload)
+        with self._cond:
+            if self._closed:
+                self._stats.rejected_after_close += 1
+                return False
+            if self._pending_progress is not None:
+                self._stats.progress_replaced += 1
+            self._pending_progress = job
+            self._stats.progress_posted += 1
+            self._cond.notify_all()
+        return True
+
+    def post_complete(self, style_id: int, model_url: str, metadata: Mapping[str, Any]) -> bool:
+        """Queue a completion report (sent with retries, never dropped).
+
+        Returns:
+            Whether it was accepted (``False`` once closed).
+
+        Raises:
+            TypeError, ValueError: The arguments cannot form a valid payload.
+        """
+        payload = complete_payload(style_id, model_url, metadata)
+        return self._post_reliable(_Job("complete", "POST", COMPLETE_PATH, payload))
+
+    def post_failed(self, style_id: int, error_message: str, error_code: str) -> bool:
+        """Queue a failure report (sent with retries, never dropped).
+
+        Returns:
+            Whether it was accepted (``False`` once closed).
+
+        Raises:
+            TypeError: ``style_id`` is not an int.
+        """
+        payload = failed_payload(style_id, error_message, error_code, self.client._secrets())
+        return self._post_reliable(_Job("failed", "POST", FAILED_PATH, payload))
+
+    def _post_reliable(self, job: _Job) -> bool:
+        with self._cond:
+            if self._closed:
+                self._stats.rejected_after_close += 1
+                logger.error(
+                    "webhook sender closed: %s report for style %s not sent",
+                    job.kind,
+                    job.payload["style_id"],
+                )
+                return False
+            if self._pending_progress is not None:  # keep order: earlier progress goes first
+                self._queue.append(self._pending_progress)
+                self._pending_progress = None
+            self._queue.append(job)
+            self._stats.reliable_posted += 1
+            self._cond.notify_all()
+        return True
+
+    # ----------------------------------------------------------------- flushing
+
+    def _idle(self) -> bool:
+        return not self._queue and self._pending_progress is None and not self._busy
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything posted so far has been sent or given up.
+
+        Args:
+            timeout_s: Most seconds to wait; ``None`` waits without limit.
+
+        Returns:
+            Whether the sender became idle in time.
+        """
+        with self._cond:
+            return self._cond.wait_for(self._idle, timeout=timeout_s)
+
+    def close(self, timeout_s: float | None = 30.0) -> bool:
+        """Flush, then stop the thread; later posts are rejected.
+
+        Args:
+            timeout_s: Most seconds to wait for the flush and the thread.
+
+        Returns:
+            Whether everything was sent (or given up) and the thread stopped in time.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        flushed = self.flush(timeout_s)
+        with self._cond:
+            self._closed = True
+            unsent = len(self._queue) + (self._pending_progress is not None)
+            self._cond.notify_all()
+        if not flushed:
+            logger.error("webhook sender closed with %d report(s) still unsent", unsent)
+        if self._thread is not threading.current_thread():
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._thread.join(remaining)
+        return flushed and not self._thread.is_alive()
+
+    # ----------------------------------------------------------------- thread
+
+    def _next_job(self) -> _Job | None:
+        """Block until a job is due (``None`` when closed and nothing is due)."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._closed or self._queue or self._pending_progress is not None
+            )
+            if self._queue:
+                job = self._queue.popleft()
+            elif self._pending_progress is not None:
+                job, self._pending_progress = self._pending_progress, None
+            else:
+                return None
+            self._busy = True
+            return job
+
+    def _run(self) -> None:
+        while True:
+            job = self._next_job()
+            if job is None:
+                return
+            ok = False
+            try:
+                ok = self.client.send(
+                    job.method,
+                    job.path,
+                    job.payload,
+                    retry=job.reliable,
+                    event_id=job.event_id,
+                    timestamp=job.timestamp,
+                )
+            except Exception as exc:
+                logger.error("webhook %s failed unexpectedly: %s", job.kind, redact(repr(exc)))
+            finally:
+                with self._cond:
+                    self._count(job, ok)
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _count(self, job: _Job, ok: bool) -> None:
+        if job.reliable:
+            if ok:
+                self._stats.reliable_sent += 1
+            else:
+                self._stats.reliable_failed += 1
+        elif ok:
+            self._stats.progress_sent += 1
+        else:
+            self._stats.progress_failed += 1
