@@ -17,13 +17,14 @@ then declare it with those arguments.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -328,12 +329,7 @@ def publish_job(
         app_id="lightning_lora",
         headers=dict(headers) if headers else None,
     )
-    name = f"{settings.connection_name}-publisher"
-    connection = BlockingConnection(settings.connection_parameters(connection_name=name))
-    try:
-        channel = connection.channel()
-        declare_topology(channel, settings)
-        channel.confirm_delivery()
+    with confirmed_channel(settings, "publisher") as channel:
         try:
             channel.basic_publish("", settings.queue, payload, properties, mandatory=True)
         except pika.exceptions.UnroutableError as exc:
@@ -342,9 +338,6 @@ def publish_job(
             ) from exc
         except pika.exceptions.NackError as exc:
             raise PublishError(f"the broker refused message {message_id} (nack)") from exc
-    finally:
-        if connection.is_open:
-            connection.close()
     logger.info("published message %s to %r", message_id, settings.queue)
     return message_id
 
@@ -401,13 +394,25 @@ def publish_dead_letter(
     settings: BrokerSettings, body: bytes, headers: Mapping[str, Any], reason: str
 ) -> None:
     """Dead-letter a body from outside a consumer (the outbox), on a short-lived connection."""
-    name = f"{settings.connection_name}-outbox"
+    with confirmed_channel(settings, "outbox") as channel:
+        dead_letter(channel, settings, body, BasicProperties(headers=dict(headers)), reason)
+
+
+@contextlib.contextmanager
+def confirmed_channel(settings: BrokerSettings, role: str) -> Iterator[BlockingChannel]:
+    """A channel in confirm mode on a short-lived connection, after declaring the topology.
+
+    Args:
+        settings: Broker settings.
+        role: Appended to the connection name the broker shows (``publisher``, ``outbox``).
+    """
+    name = f"{settings.connection_name}-{role}"
     connection = BlockingConnection(settings.connection_parameters(connection_name=name))
     try:
         channel = connection.channel()
         declare_topology(channel, settings)
         channel.confirm_delivery()
-        dead_letter(channel, settings, body, BasicProperties(headers=dict(headers)), reason)
+        yield channel
     finally:
         if connection.is_open:
             connection.close()

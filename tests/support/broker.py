@@ -20,7 +20,7 @@ import pytest
 from lightning_lora.worker.broker import BrokerSettings
 from lightning_lora.worker.consumer import Consumer
 
-JOB = {"style_id": 7, "image_urls": ["s3://b/k.png"], "webhook_url": "http://backend:8000"}
+JOB = {"style_id": 7, "image_urls": ["s3://bkt/k.png"], "webhook_url": "http://backend:8000"}
 
 HOST = os.environ.get("RABBITMQ_HOST", "127.0.0.1")
 
