@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig, open_dict
 
 pytest_plugins = ["tests.support.fixtures", "tests.support.broker"]
 
@@ -60,10 +63,20 @@ def demo_images(ll_cache: Path) -> Path:
 @pytest.fixture
 def make_cfg(tmp_path: Path, tiny_model: str, demo_images: Path) -> Callable[..., object]:
     """Factory: ``make_cfg(*overrides, output_dir=None)`` -> a tiny CPU training config."""
-    from lightning_lora.train import compose_config
 
     def make(*overrides: str, output_dir: Path | None = None, image_dir: Path | None = None):
         base: Sequence[str] = (*TINY_OVERRIDES, f"data.image_dir={image_dir or demo_images}")
-        return compose_config([*base, *overrides], output_dir=output_dir or tmp_path / "run")
+        cfg = copy.deepcopy(composed(*base, *overrides))
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir or tmp_path / "run")
+        return cfg
 
     return make
+
+
+@functools.lru_cache(maxsize=128)
+def composed(*overrides: str, config_name: str = "train") -> DictConfig:
+    """A config composed once per set of overrides (callers deep-copy it before changing it)."""
+    from lightning_lora.train import compose_config
+
+    return compose_config(list(overrides), config_name=config_name)

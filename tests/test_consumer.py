@@ -209,7 +209,8 @@ def test_settings_from_env_hide_the_password() -> None:
     assert settings.delivery_limit == 5 and settings.dlq == "model_training.dlq"
     assert "s3cr3t" not in repr(settings) and "s3cr3t" not in settings.describe()
     plain = BrokerSettings.from_env({"RABBITMQ_HOST": "rabbit", "RABBITMQ_PASSWORD": "pw"})
-    assert plain.host == "rabbit" and plain.password == "pw" and "pw" not in repr(plain)
+    assert plain.host == "rabbit" and plain.password.get_secret_value() == "pw"
+    assert "pw" not in repr(plain) and "pw" not in repr(plain.password)
     with pytest.raises(ValueError, match="RABBITMQ_PORT"):
         BrokerSettings.from_env({"RABBITMQ_PORT": "abc"})
 

@@ -23,10 +23,9 @@ from lightning_lora.clients.storage import S3Storage, checkpoint_prefix, model_k
 from lightning_lora.clients.webhook_payloads import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
 from lightning_lora.worker.app import TrainingWorker, split_config
 from lightning_lora.worker.broker import BrokerSettings, publish_job
-from lightning_lora.worker.cli import compose_worker_config
 from lightning_lora.worker.consumer import Consumer
 from lightning_lora.worker.settings import load_settings
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, composed
 from tests.support.broker import depth, get, running, wait_for
 
 TOKEN = "tok-worker-secret-1234"
@@ -77,7 +76,7 @@ def _job(stack, style_id: int, **extra) -> dict:
 
 def _worker(stack, *extra: str, callbacks=(), **settings) -> TrainingWorker:
     """An in-process worker on the stack's bucket, with the tiny model and short leases."""
-    train_cfg, section = split_config(compose_worker_config(_train_overrides(*extra)))
+    train_cfg, section = split_config(composed(*_train_overrides(*extra), config_name="worker"))
     values = {**section, "webhook_allowlist": ["127.0.0.1"], "lease_ttl_s": 5, **settings}
     env = {"INTERNAL_API_TOKEN": TOKEN, "S3_BUCKET": stack["storage"].bucket}
     return TrainingWorker(

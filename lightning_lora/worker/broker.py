@@ -33,6 +33,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import BasicProperties
+from pydantic import SecretStr
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class BrokerSettings:
     host: str = "localhost"
     port: int = 5672
     user: str = "guest"
-    password: str = field(default="guest", repr=False)
+    password: SecretStr = field(default=SecretStr("guest"), repr=False)
     vhost: str = "/"
     url: str | None = field(default=None, repr=False)
     heartbeat: int = 60
@@ -118,6 +119,8 @@ class BrokerSettings:
         Raises:
             ValueError: If a value is out of range.
         """
+        if isinstance(self.password, str):  # a plain string given: keep it as a secret
+            object.__setattr__(self, "password", SecretStr(self.password))
         if not self.queue or len(self.queue.encode()) > 255:
             raise ValueError("queue name must be 1..255 bytes")
         if self.delivery_limit < 1:
@@ -173,6 +176,8 @@ class BrokerSettings:
             if env.get("RABBITMQ_HEARTBEAT"):
                 values["heartbeat"] = _env_int(env, "RABBITMQ_HEARTBEAT", 60)
         values.update(overrides)
+        if isinstance(values.get("password"), str):
+            values["password"] = SecretStr(values["password"])
         return cls(**values)
 
     def replace(self, **changes: Any) -> BrokerSettings:
@@ -200,7 +205,7 @@ class BrokerSettings:
                 host=self.host,
                 port=self.port,
                 virtual_host=self.vhost,
-                credentials=pika.PlainCredentials(self.user, self.password),
+                credentials=pika.PlainCredentials(self.user, self.password.get_secret_value()),
             )
         params.heartbeat = self.heartbeat
         params.blocked_connection_timeout = self.blocked_connection_timeout

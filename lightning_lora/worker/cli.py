@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, ValueError) as exc:
         print(f"lightning-lora-worker: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
-    for secret in (*settings.secrets(), broker.password):
+    for secret in (*settings.secrets(), broker.password.get_secret_value()):
         register_secret(secret)
     logging.getLogger("pika").setLevel(logging.WARNING)
     if args.check:

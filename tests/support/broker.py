@@ -56,8 +56,35 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
     return predicate()
 
 
+def require_service(available: bool, reason: str) -> None:
+    """Skip the test when a service it needs is missing, naming it; fail instead under CI.
+
+    ``CI=true`` (as ``.ci/run`` is called) must never go green by skipping.
+    """
+    if available:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: failing instead of skipping)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def shared_broker() -> str:
+    """The shared RabbitMQ broker's host, after checking that it answers."""
+    try:
+        pika.BlockingConnection(pika.ConnectionParameters(HOST, connection_attempts=1)).close()
+        reason = ""
+    except pika.exceptions.AMQPError as exc:
+        reason = (
+            f"RabbitMQ is not reachable at {HOST}:5672 ({type(exc).__name__}); start it with "
+            "`rabbitmq-server -detached` (.ci/run does)"
+        )
+    require_service(not reason, reason)
+    return HOST
+
+
 @pytest.fixture
-def broker_settings() -> Iterator[BrokerSettings]:
+def broker_settings(shared_broker: str) -> Iterator[BrokerSettings]:
     """Settings with a unique queue; both queues are deleted afterwards."""
     name = f"test_lora_{uuid.uuid4().hex[:10]}"
     result = BrokerSettings(

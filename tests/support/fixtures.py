@@ -50,8 +50,13 @@ def webhook_receiver() -> Iterator[WebhookReceiver]:
 @pytest.fixture(scope="session")
 def moto_s3() -> Iterator[MotoS3Server]:
     """moto's S3 server on 127.0.0.1, shared by the whole session."""
-    from tests.support.s3 import start_moto_server
+    from tests.support.broker import require_service
 
+    try:
+        from tests.support.s3 import start_moto_server
+    except ImportError as exc:  # moto[server] is a test extra
+        require_service(False, f"moto's S3 server is not installed ({exc}); pip install -e .[test]")
+        raise
     server = start_moto_server()
     try:
         yield server
