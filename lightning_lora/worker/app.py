@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -250,14 +251,14 @@ class TrainingWorker:
         except InvalidMessageError as exc:
             log.error("message %s dead-lettered: %s", delivery.message_id, exc)
             self._report_unparsed(delivery, exc)
-            return Settlement(Outcome.REJECT, str(exc), exc.error_code)
+            return self._refused(Settlement(Outcome.REJECT, str(exc), exc.error_code))
         if not webhook_allowed(job.webhook_url, self.settings.webhook_allowlist):
             reason = (
                 "field 'webhook_url': host not in the webhook allowlist (WEBHOOK_ALLOWLIST); no "
                 "request was sent to it"
             )
             log.error("job %s (style %s) dead-lettered: %s", job.job_id, job.style_id, reason)
-            return Settlement(Outcome.REJECT, reason, "INVALID_MESSAGE")
+            return self._refused(Settlement(Outcome.REJECT, reason, "INVALID_MESSAGE"))
         log.info("job %s: style %s, %d image(s)", job.job_id, job.style_id, len(job.image_urls))
         if self.metrics is not None:
             self.metrics.job_started()
@@ -274,6 +275,12 @@ class TrainingWorker:
             self.last_timings = timings
             log.info("job %s timings: %s", job.job_id, timings.line())
             self._count(settlement, timings.total_s)
+
+    def _refused(self, settlement: Settlement) -> Settlement:
+        """A message refused before it became a job: counted as failed, by its code."""
+        if self.metrics is not None:
+            self.metrics.job_failed(settlement.error_code or "INVALID_MESSAGE", 0.0)
+        return settlement
 
     def _count(self, settlement: Settlement, duration_s: float) -> None:
         if self.metrics is None:
@@ -379,8 +386,9 @@ class TrainingWorker:
     def _job_dir(self, run: RunRef) -> Path:
         """This process's folder for the run: kept across a requeue, else a new one."""
         parent = Path(self.settings.work_dir) if self.settings.work_dir else None
-        base = parent or Path(os.environ.get("TMPDIR") or "/tmp")
-        for folder in sorted(base.glob(f"ll-job-{run.run_id}-*")):
+        base = parent or Path(tempfile.gettempdir())
+        # make_job_dir keeps the first 64 characters of the name (a run id needs no escaping)
+        for folder in sorted(base.glob(f"ll-job-{run.run_id[:64]}-*")):
             try:
                 owner = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
             except (OSError, ValueError):

@@ -305,13 +305,15 @@ class Ledger:
         """The run's outcome record and its ETag, if the run has one."""
         return self.storage.get_json(outcome_key(run.style_id, run.run_id))
 
-    def create_outcome(self, run: RunRef, event: dict[str, Any]) -> bool:
+    def create_outcome(self, run: RunRef, event: dict[str, Any], hold_s: float = 0.0) -> bool:
         """Record the run's terminal event, once across all workers, and queue it in the outbox.
 
         Args:
             run: The run.
             event: The event (``kind``, ``method``, ``path``, ``payload``, ``event_id``,
                 ``timestamp``, ``webhook_url``, ``body_b64`` ...).
+            hold_s: The outbox leaves the entry alone this long (the creator's first delivery is
+                in progress; an outbox sending it meanwhile would deliver it twice).
 
         Returns:
             ``True`` if this call created it (the caller sends it), ``False`` if the run already
@@ -322,20 +324,31 @@ class Ledger:
             self.storage.put_json(outcome_key(run.style_id, run.run_id), record, if_none_match=True)
         except PreconditionFailedError:
             return False
-        self.queue_outbox(run, record)
+        self.queue_outbox(run, record, due_in_s=hold_s)
         return True
 
-    def queue_outbox(self, run: RunRef, outcome: dict[str, Any]) -> None:
-        """Put (or put back) the outcome's outbox entry, due now."""
+    def queue_outbox(self, run: RunRef, outcome: dict[str, Any], due_in_s: float = 0.0) -> None:
+        """Put (or put back) the outcome's outbox entry, due in ``due_in_s`` seconds."""
         entry = {
             **outcome,
             "style_id": run.style_id,
             "job_key": run.job_key,
             "generation": run.generation,
             "attempts": int(outcome.get("attempts", 0)),
-            "next_attempt_at": self.clock(),
+            "next_attempt_at": self.clock() + due_in_s,
         }
         self.storage.put_json(outbox_key(run.style_id, run.run_id), entry)
+
+    def hand_to_outbox(self, run: RunRef) -> None:
+        """The first delivery gave up: make the outbox entry due now (lift the hold)."""
+        key = outbox_key(run.style_id, run.run_id)
+        found = self.storage.get_json(key)
+        if found is not None:
+            entry, etag = found
+            with contextlib.suppress(PreconditionFailedError):  # an outbox already took it
+                self.storage.put_json(
+                    key, {**entry, "next_attempt_at": self.clock()}, if_match=etag
+                )
 
     def mark_delivered(self, run: RunRef) -> None:
         """The backend answered 2xx: flag the outcome and drop the outbox entry."""

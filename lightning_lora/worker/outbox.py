@@ -23,7 +23,7 @@ from lightning_lora.clients.storage import S3Storage
 from lightning_lora.clients.webhook_client import WebhookClient
 from lightning_lora.clients.webhook_payloads import COMPLETE_PATH, FAILED_PATH, complete_payload
 from lightning_lora.clients.webhook_sender import WebhookSender
-from lightning_lora.errors import PreconditionFailedError, StorageUnavailableError
+from lightning_lora.errors import PreconditionFailedError
 from lightning_lora.jitter import RNG
 from lightning_lora.layout import OUTBOX_PREFIX
 from lightning_lora.worker.ledger import Ledger, RunRef
@@ -133,13 +133,19 @@ class DurableSink:
         if self.sender is not None:
             self.sender.flush(self.client.timeout_s)
         event = terminal_event(self.run, kind, payload, self.webhook_url, self.body)
+        # the first delivery's whole budget: the outbox must not send it meanwhile
+        hold_s = self.client.max_total_s + self.client.timeout_s + 5.0
         try:
-            created = self.ledger.create_outcome(self.run, event)
-        except StorageUnavailableError:
+            created = self.ledger.create_outcome(self.run, event, hold_s=hold_s)
+        except Exception as exc:
             if kind == "complete":
-                raise  # the LoRA is kept; the job is requeued and reports later
+                raise  # S3 down: the LoRA is kept, the job requeued; else reported as failed
             # A failure must still be heard: send it directly, without the outbox.
-            log.error("run %s: S3 unreachable; sending the failure without the outbox", self.run)
+            log.error(
+                "run %s: outcome not recorded (%s); sending the failure without the outbox",
+                self.run.run_id,
+                type(exc).__name__,
+            )
             self.delivered = send_event(self.client, event, retry=True)
             return self.delivered
         if not created:
@@ -160,6 +166,10 @@ class DurableSink:
                 self.run.run_id,
                 kind,
             )
+            try:
+                self.ledger.hand_to_outbox(self.run)
+            except Exception as exc:  # the hold ends by itself
+                log.warning("run %s: outbox entry not released: %s", self.run.run_id, exc)
             if self.on_pending is not None:
                 self.on_pending(self.run)
         return True
