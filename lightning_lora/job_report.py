@@ -9,7 +9,7 @@ report through per job, whoever calls first; later calls return ``False``.
 Where a terminal report goes is the report's :class:`TerminalSink`:
 
 * :class:`SenderSink` (default): the in-process :class:`WebhookSender` queue (notebooks, CLI);
-* the worker's durable sink (:class:`lightning_lora.worker.ledger.DurableSink`): the outcome
+* the worker's durable sink (:class:`lightning_lora.worker.outbox.DurableSink`): the outcome
   is created once in S3 across all workers, kept in an outbox until the backend answers 2xx.
 """
 

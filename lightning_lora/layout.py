@@ -125,7 +125,7 @@ def job_key_for(message_id: str | None, body: bytes) -> str:
         body: The raw message body.
 
     Returns:
-        ``message_id``, or ``sha-<32 hex>`` of it when it is too long or has other characters,
+        ``message_id``, or ``mid-<32 hex>`` of it when it is too long or has other characters,
         or ``sha-<32 hex>`` of the body when there is no message id.
     """
     if message_id:

@@ -25,11 +25,10 @@ loads (``torch.load`` with ``weights_only=True``: a file from the bucket cannot 
 ``state_dict`` and ``loops``; a corrupt or partial one is skipped with a warning and the next older
 one is tried. ``train(cfg, callbacks, ckpt_path=path)`` then resumes from it.
 
-Config: ``configs/callbacks/s3_checkpoint.yaml`` holds settings only (``every_n_epochs``,
-``keep_last``, ``dirpath``, ``final_wait_s``; no ``_target_``, so ``train()`` does not instantiate
-it): the callback needs the job's ``style_id`` and an :class:`~lightning_lora.clients.storage.
-S3Storage`, so the worker builds it per job (see :func:`lightning_lora.reporting.
-run_reported_training`).
+Config: ``reporting.s3_checkpoint`` (``configs/reporting/default.yaml``) is a ``_partial_`` target
+(``every_n_epochs``, ``keep_last``, ``dirpath``, ``final_wait_s``): the callback needs the job's
+``style_id``, run id and an :class:`~lightning_lora.clients.storage.S3Storage`, so
+:func:`lightning_lora.reporting.run_reported_training` completes it per job.
 """
 
 from __future__ import annotations

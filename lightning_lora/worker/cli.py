@@ -71,7 +71,10 @@ def run_checks(settings: object, broker: object, storage: object | None = None) 
         connection.close()
         results.append((True, "broker", broker.describe()))  # type: ignore[attr-defined]
     except Exception as exc:
-        results.append((False, "broker", f"{broker.describe()}: {type(exc).__name__} {exc}"))  # type: ignore[attr-defined]
+        detail = (
+            f"{type(exc).__name__}: {exc!r}" if not str(exc) else f"{type(exc).__name__}: {exc}"
+        )
+        results.append((False, "broker", f"{broker.describe()}: {detail}"))  # type: ignore[attr-defined]
     try:
         bucket = storage or S3Storage(settings.s3_bucket, retry_budget_s=0)  # type: ignore[attr-defined]
         bucket.head_bucket()  # type: ignore[attr-defined]

@@ -37,7 +37,8 @@ channel that held an unacknowledged delivery for 100 s, on classic and on quorum
 (per-queue consumer timeouts arrived in RabbitMQ 3.12). So this module does not set it. On
 3.10 the only timeout is the broker-wide ``consumer_timeout`` in ``rabbitmq.conf`` (default
 1800000 ms = 30 min), which a long training exceeds: the broker then closes the channel with
-``PRECONDITION_FAILED``, the job's outcome is lost and the message is redelivered. Raise it on
+``PRECONDITION_FAILED`` and the message is redelivered (the job keeps running under its lease
+and the redelivery acks its outcome: :mod:`lightning_lora.worker.ledger`). Raise it on
 the broker to more than the longest training, e.g. ``consumer_timeout = 86400000`` in
 ``rabbitmq.conf`` (or at runtime:
 ``rabbitmqctl eval 'application:set_env(rabbit, consumer_timeout, 86400000).'``).

@@ -173,7 +173,9 @@ class TrainingJob(BaseModel):
         seed: Optional override of ``seed`` (0..2**32-1).
         captions: Optional captions: a dict file name -> caption, or a list aligned with
             ``image_urls``.
-        style_token: Optional override of ``data.token`` (1..64 chars).
+        style_token: Optional style token (1..64 chars) put into the caption template for
+            images without a caption; written to the caption files as plain text, never into
+            the config.
         job_id: Identifier of the job; defaults to ``style-<style_id>`` (deterministic, so a
             redelivered message maps to the same job and its checkpoints).
     """
