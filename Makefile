@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # CPU machines take a plain torch pin that installs fast here; GPU machines take the newest build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: install demo test lint format train load bench clean
+.PHONY: install demo test test-fast lint format train load bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# the edit-test loop: unit-level tests only (no training runs, no worker processes)
+test-fast: install
+	$(PY) -m pytest -m "not slow and not load" -q
 
 lint: install
 	$(VENV)/bin/ruff format --check .
@@ -39,9 +43,10 @@ train: install
 load: install
 	$(PY) benchmarks/load_test.py --jobs 30 --workers 2
 
-# the speed table of docs/PERFORMANCE.md (CPU: tiny model; CUDA: SD1.5 shapes)
+# the speed table of docs/PERFORMANCE.md (CPU: tiny model; CUDA: SD1.5 shapes), e.g.
+# make bench ARGS="--case base:4:gc --case ours:4:gc --json bench.json"
 bench: install
-	$(VENV)/bin/lightning-lora-bench
+	$(PY) -m benchmarks $(ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

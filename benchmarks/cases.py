@@ -33,6 +33,8 @@ class Case:
         images: Training images of a job.
         epochs: Epochs of a job.
         checkpoints: Whether a job keeps the default per-epoch Lightning checkpoints.
+        extra_blocks: ``module.compile_extra_blocks`` of a ``regional`` case (block classes
+            compiled besides the ones diffusers declares), e.g. ``("ResnetBlock2D",)``.
     """
 
     recipe: str
@@ -43,13 +45,15 @@ class Case:
     images: int = 20
     epochs: int = 100
     checkpoints: bool = True
+    extra_blocks: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
         """Short spec-like name, e.g. ``ours:b4:gc:reduce-overhead:bf16-mixed``."""
         parts = [self.recipe, f"b{self.batch_size}", "gc" if self.grad_ckpt else "nogc"]
         if self.recipe not in BASELINES:
-            parts += [self.compile_mode, self.precision]
+            mode = "+".join([self.compile_mode, *self.extra_blocks])
+            parts += [mode, self.precision]
         if self.recipe == "job":
             parts += [f"{self.images}img", f"{self.epochs}ep"]
             parts += [] if self.checkpoints else ["nockpt"]
@@ -60,9 +64,9 @@ def parse_case(spec: str, precision: str = "bf16-mixed") -> Case:
     """Parse ``recipe:batch[:option...]``.
 
     Options: ``gc``/``nogc``, a compile mode (``none``, ``default``, ``reduce-overhead``,
-    ``max-autotune``, ``regional``), a precision (``bf16-mixed``, ``16-mixed``, ``32-true``), and
-    for jobs ``images=N``, ``epochs=N`` and ``nockpt``. ``base`` is short for ``baseline``, ``ref``
-    for ``reference``.
+    ``max-autotune``, ``regional``), ``blocks=A,B`` (more block classes for ``regional``), a
+    precision (``bf16-mixed``, ``16-mixed``, ``32-true``), and for jobs ``images=N``, ``epochs=N``
+    and ``nockpt``. ``base`` is short for ``baseline``, ``ref`` for ``reference``.
 
     Args:
         spec: The case, e.g. ``base:4:gc``, ``ours:16:regional``, ``job:4:default:nockpt``.
@@ -89,6 +93,8 @@ def parse_case(spec: str, precision: str = "bf16-mixed") -> Case:
             fields["precision"] = opt
         elif opt == "nockpt":
             fields["checkpoints"] = False
+        elif re.fullmatch(r"blocks=\w+(,\w+)*", opt):
+            fields["extra_blocks"] = tuple(opt.split("=", 1)[1].split(","))
         elif re.fullmatch(r"(images|epochs)=\d+", opt):
             key, value = opt.split("=")
             fields[key] = int(value)

@@ -1,5 +1,8 @@
-"""Clocks and counters of the benchmark: device sync, peak memory, compile counts, and the
-Lightning callbacks that time a window of training steps or the phases of a whole job."""
+"""Clocks and counters of the benchmark.
+
+Device sync, peak memory and compile counts, and the Lightning callbacks that time a window of
+training steps (:class:`StepTimer`) or the phases of a whole job (:class:`PhaseTimer`).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ def cuda_sync() -> None:
 
 
 def gib(n: float | int | None) -> float | None:
+    """Bytes to GiB (``None`` stays ``None``)."""
     return None if n is None else n / 2**30
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -343,6 +344,20 @@ def _collate_images(samples: list[dict[str, Any]]) -> Batch:
     }
 
 
+class Encoders(Protocol):
+    """The frozen encoders a latent cache is built with (a :class:`LoRAModule` is one)."""
+
+    device: torch.device
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> latent distribution parameters."""
+        ...
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> text encoder hidden states."""
+        ...
+
+
 class StyleDataModule(L.LightningDataModule):
     """Serves a style's images and captions, encoded once up front when ``cache_latents``."""
 
@@ -469,11 +484,30 @@ class StyleDataModule(L.LightningDataModule):
             device,
         )
 
+    def use_encoders(self, encoders: Encoders) -> None:
+        """Give the datamodule the frozen encoders it builds its cache with (the module's).
+
+        The cache is built once, when training first asks for batches (the model is on its
+        device by then), like kohya's train_network caches before its loop.
+        """
+        self._encoders = encoders
+
+    def _ensure_cache(self) -> None:
+        if self.cache is not None:
+            return
+        encoders = getattr(self, "_encoders", None)
+        if encoders is None:
+            raise RuntimeError("no encoders for the latent cache: call use_encoders() first")
+        trainer = getattr(self, "trainer", None)
+        plugin = getattr(trainer, "precision_plugin", None)
+        context = plugin.forward_context() if plugin is not None else contextlib.nullcontext()
+        with context:  # the training step's autocast state
+            self.build_cache(encoders.encode_images, encoders.encode_text, encoders.device)
+
     def train_dataloader(self) -> DataLoader:
-        """Batches from the cache when built, otherwise decoded images with captions."""
+        """Batches from the latent cache (built on first use), otherwise decoded images."""
         if self.cache_latents:
-            if self.cache is None:
-                raise RuntimeError("latent cache not built: LoRAModule.on_fit_start builds it")
+            self._ensure_cache()
             return DataLoader(
                 self.cache, batch_size=self.batch_size, shuffle=True, collate_fn=_collate_identity
             )

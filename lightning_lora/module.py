@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import numbers
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -17,6 +18,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
+from lightning_lora.compilation import CompileCache, compiled_unet, eager
 from lightning_lora.errors import NonFiniteLossError
 from lightning_lora.lora import inject_lora, lora_parameters
 from lightning_lora.models import SDComponents
@@ -51,6 +53,8 @@ class LoRAModule(L.LightningModule):
         check_finite_every_n_steps: int = 10,
         channels_last: bool = False,
         compile_mode: str = "none",
+        compile_extra_blocks: Sequence[str] = (),
+        compile_cache_dir: str | None = None,
     ) -> None:
         """Wrap the components and inject a fresh LoRA.
 
@@ -67,9 +71,20 @@ class LoRAModule(L.LightningModule):
             lora_seed: Seed of the LoRA initialisation.
             check_finite_every_n_steps: How often the loss is checked for NaN/inf (a host sync).
             channels_last: Use the channels-last memory format for the UNet.
-            compile_mode: ``none``, ``default`` or ``reduce-overhead`` (``torch.compile``).
+            compile_mode: ``none``, ``default``, ``reduce-overhead``, ``max-autotune`` (whole-UNet
+                ``torch.compile``) or ``regional`` (the repeated blocks only); see
+                :mod:`lightning_lora.compilation`.
+            compile_extra_blocks: Block classes that ``regional`` compiles besides the ones
+                diffusers declares for the UNet (``BasicTransformerBlock``), e.g.
+                ``["ResnetBlock2D"]``.
+            compile_cache_dir: Persistent compile cache folder (Inductor's caches and portable
+                artifacts keyed by torch, device and shapes), shared by restarts and, on a
+                shared folder, by a fleet; ``None`` leaves torch's defaults.
         """
         super().__init__()
+        # a plain list: the hparams go into checkpoints, which load with weights_only=True
+        # (an OmegaConf ListConfig from the config would not)
+        compile_extra_blocks = [str(name) for name in compile_extra_blocks]
         self.save_hyperparameters(ignore=["components", "optimizer", "scheduler", "lora"])
         self.unet = components.unet
         self.vae = components.vae
@@ -91,6 +106,11 @@ class LoRAModule(L.LightningModule):
         self._val_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         #: (device, dtype, autocast state) -> device-side noise tables (see noise_tables()).
         self._noise_tables: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
+        self._compile_cache: CompileCache | None = None
+        self._compile_saved = False
+        if compile_cache_dir and compile_mode not in (None, "none"):
+            self._compile_cache = CompileCache(compile_cache_dir)
+            self._compile_cache.activate()  # before anything compiles
 
     # ----------------------------------------------------------------------------- encoders
     @torch.no_grad()
@@ -147,8 +167,26 @@ class LoRAModule(L.LightningModule):
             target = self.velocity(latents, noise, timesteps)
         else:
             raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
-        unet = compiled_unet(self.unet, self.hparams.compile_mode) if compiled else self.unet
-        pred = unet(noisy, timesteps, context, return_dict=False)[0]
+        mode = self.hparams.compile_mode
+        if compiled:
+            unet = compiled_unet(self.unet, mode, self.hparams.compile_extra_blocks)
+            cache = self._compile_cache
+            if cache is not None and cache.key is None:
+                key = cache.artifact_key(
+                    mode,
+                    self.unet,
+                    (noisy, timesteps, context),
+                    extra={
+                        "channels_last": self.hparams.channels_last,
+                        "extra_blocks": list(self.hparams.compile_extra_blocks),
+                    },
+                )
+                cache.load(key)
+            context_manager = contextlib.nullcontext()
+        else:
+            unet, context_manager = self.unet, eager(self.unet)
+        with context_manager:
+            pred = unet(noisy, timesteps, context, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         gamma = self.hparams.snr_gamma
         if gamma:
@@ -292,6 +330,10 @@ class LoRAModule(L.LightningModule):
         every = max(1, self.hparams.check_finite_every_n_steps)
         if self.trainer.global_step % every == 0:
             self.check_finite()
+        if self._compile_cache is not None and not self._compile_saved:
+            # after the first step, forward and backward are compiled: share them early
+            self._compile_cache.save()
+            self._compile_saved = True
 
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteLossError` if any loss since the start was NaN or infinite."""
@@ -332,30 +374,30 @@ class LoRAModule(L.LightningModule):
         return torch.cat(losses).mean()
 
     # ----------------------------------------------------------------------------- hooks
+    def setup(self, stage: str) -> None:
+        """Hand the frozen encoders to the datamodule, which caches latents with them."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "use_encoders"):
+            datamodule.use_encoders(self)
+
     def on_fit_start(self) -> None:
-        """Precision fix-up, device-side caches, and the optional compile."""
+        """Precision fix-up, the validation inputs, device-side noise tables."""
         cast_training_params(self.unet, dtype=torch.float32)
         if self.hparams.channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        self.prepare_data_caches()
+        self.prepare_validation_inputs()
         with self.trainer.precision_plugin.forward_context():
             # noise tables on the device, built in the training step's autocast state
             for dtype in {torch.float32, self.vae.dtype}:
                 self.noise_tables(self.device, dtype)
 
-    def prepare_data_caches(self) -> None:
-        """Build the latent/text cache and the validation inputs once, on the training device.
-
-        Called from :meth:`configure_optimizers` (a schedule that needs the run's step count makes
-        Lightning ask for the train dataloader before ``on_fit_start``) and from
-        :meth:`on_fit_start`; the model is already on its device at both points.
-        """
+    def prepare_validation_inputs(self) -> None:
+        """Encode the datamodule's fixed validation examples once, on the training device."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "build_cache"):
+        if datamodule is None or not hasattr(datamodule, "validation_examples"):
             return
-        with self.trainer.precision_plugin.forward_context():
-            datamodule.build_cache(self.encode_images, self.encode_text, self.device)
-            if self._val_inputs is None:
+        if self._val_inputs is None:
+            with self.trainer.precision_plugin.forward_context():
                 self.prepare_validation(*datamodule.validation_examples())
 
     def on_train_start(self) -> None:
@@ -363,6 +405,8 @@ class LoRAModule(L.LightningModule):
         cast_training_params(self.unet, dtype=torch.float32)
 
     def on_train_end(self) -> None:
+        if self._compile_cache is not None:
+            self._compile_cache.save()  # graphs compiled later (a ragged last batch) too
         self.check_finite()
 
     def configure_gradient_clipping(
@@ -389,7 +433,6 @@ class LoRAModule(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> Any:
-        self.prepare_data_caches()
         params = lora_parameters(self.unet)
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
@@ -468,24 +511,3 @@ def restore_rng_state_tensors(state: dict[str, Any]) -> None:
     random.setstate((state["python_version"], tuple(state["python_internal"].tolist()), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-_COMPILED: dict[tuple[int, str], Callable[..., Any]] = {}
-
-
-def compiled_unet(unet: torch.nn.Module, mode: str) -> Callable[..., Any]:
-    """Return the UNet itself, or its ``torch.compile`` wrapper (compiled once per process).
-
-    Args:
-        unet: The UNet with its LoRA adapter.
-        mode: ``none``, ``default``, ``reduce-overhead`` or ``max-autotune``.
-
-    Returns:
-        A callable with the UNet's signature.
-    """
-    if mode in (None, "none", False):
-        return unet
-    key = (id(unet), mode)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(unet, mode=mode)
-    return _COMPILED[key]

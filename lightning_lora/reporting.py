@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ from omegaconf import DictConfig, OmegaConf
 
 import lightning_lora
 from lightning_lora.callbacks.s3_checkpoint import S3CheckpointCallback, find_resume_checkpoint
-from lightning_lora.callbacks.vram import VramCallback
 from lightning_lora.callbacks.webhook import WebhookCallback
 from lightning_lora.clients.storage import S3Storage
 from lightning_lora.clients.webhook_client import WebhookClient
@@ -131,16 +130,17 @@ def _number(value: Any) -> int | float | None:
 def completion_metadata(
     cfg: DictConfig,
     result: TrainResult,
-    callbacks: Iterable[L.Callback] = (),
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The completion webhook's ``metadata``, from the run's config, counters and callbacks.
+    """The completion webhook's ``metadata``, from the run's config and counters.
+
+    The callbacks' own figures (memory peaks, throughput, the resumed epoch) are in
+    ``result.metrics``: :func:`~lightning_lora.train.train` merges every callback's
+    ``summary()`` into it.
 
     Args:
         cfg: The run's config.
         result: What :func:`~lightning_lora.train.train` returned.
-        callbacks: The run's extra callbacks: a :class:`VramCallback` gives the memory peaks if
-            ``result.metrics`` lacks them, a :class:`WebhookCallback` the resumed epoch.
         extra: More entries (e.g. ``kohya_url``), added last.
 
     Returns:
@@ -177,13 +177,8 @@ def completion_metadata(
         "peak_rss_gib": metrics.get("peak_rss_gib"),
         "lightning_lora_version": lightning_lora.__version__,
     }
-    for callback in callbacks:
-        if isinstance(callback, VramCallback):
-            summary = callback.summary()
-            meta["peak_vram_gib"] = meta["peak_vram_gib"] or summary.get("peak_vram_gib")
-            meta["peak_rss_gib"] = meta["peak_rss_gib"] or summary.get("peak_rss_gib")
-        elif isinstance(callback, WebhookCallback) and callback.start_epoch > 0:
-            meta["resumed_from_epoch"] = callback.start_epoch
+    if "resumed_from_epoch" in metrics:
+        meta["resumed_from_epoch"] = int(metrics["resumed_from_epoch"])
     meta.update(extra or {})
     return {k: v for k, v in meta.items() if v is not None}
 
@@ -193,7 +188,6 @@ def report_completion(
     cfg: DictConfig,
     result: TrainResult,
     model_url: str,
-    callbacks: Iterable[L.Callback] = (),
     extra: Mapping[str, Any] | None = None,
 ) -> bool:
     """Post the completion webhook after the final upload succeeded (at most once per callback).
@@ -203,13 +197,12 @@ def report_completion(
         cfg: The run's config.
         result: What :func:`~lightning_lora.train.train` returned.
         model_url: ``s3://`` URL of the uploaded diffusers LoRA.
-        callbacks: The run's callbacks (see :func:`completion_metadata`).
         extra: More metadata entries.
 
     Returns:
         Whether the completion was queued (``False`` if a terminal report was already sent).
     """
-    metadata = completion_metadata(cfg, result, [webhook, *callbacks], extra)
+    metadata = completion_metadata(cfg, result, extra)
     queued = webhook.report_completion(model_url, metadata)
     if queued:
         log.info(
@@ -326,9 +319,7 @@ def run_reported_training(
         started = time.perf_counter()
         model_url, kohya_url = upload_final_lora(storage, style_id, result)
         result.metrics["upload_seconds"] = time.perf_counter() - started
-        report_completion(
-            webhook, cfg, result, model_url, callbacks, extra={"kohya_url": kohya_url}
-        )
+        report_completion(webhook, cfg, result, model_url, extra={"kohya_url": kohya_url})
         return result
     except (StorageUnavailableError, JobInterrupted):
         raise  # not the job's fault: requeued by the worker, nothing reported

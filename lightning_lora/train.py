@@ -23,8 +23,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import lightning_lora
-from lightning_lora.callbacks.throughput import ThroughputCallback
-from lightning_lora.callbacks.vram import VramCallback
 from lightning_lora.export import LoraFiles, export_lora
 from lightning_lora.validation import ValidationCallback
 
@@ -54,9 +52,20 @@ class TrainResult:
     sample_grid: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def objective(self, name: str) -> float | None:
-        """The metric a sweep optimizes, or ``None`` if it was not logged."""
-        return self.metrics.get(name)
+    def objective(self, name: str) -> float:
+        """The metric a sweep optimizes.
+
+        Raises:
+            KeyError: The run did not log it (a sweep must never get ``None`` silently): the
+                message lists the metrics that were logged.
+        """
+        if name not in self.metrics:
+            logged = ", ".join(sorted(self.metrics)) or "none"
+            raise KeyError(
+                f"optimized_metric {name!r} was not logged by this run (logged: {logged}); "
+                "set optimized_metric or make sure validation runs (validation.every_n_epochs)"
+            )
+        return self.metrics[name]
 
 
 def compose_config(
@@ -99,6 +108,49 @@ def frozen_weight_dtype(precision: str, accelerator: str) -> torch.dtype:
     if precision.startswith("16") and accelerator != "cpu":
         return torch.float16
     return torch.float32
+
+
+#: The override that a 16-mixed run on a bf16-capable GPU is told about.
+BF16_OVERRIDE = "trainer.precision=bf16-mixed"
+
+
+def precision_info(
+    precision: str,
+    accelerator: str,
+    requested: str | None = None,
+    bf16_supported: bool | None = None,
+) -> dict[str, str]:
+    """The run's effective precision and weight dtypes, and a hint where the GPU does better.
+
+    Args:
+        precision: The trainer's resolved precision (``trainer.precision``: Lightning's choice,
+            e.g. ``bf16-mixed`` for ``16-mixed`` on a CPU).
+        accelerator: ``cuda``, ``cpu``, ...
+        requested: The configured ``trainer.precision``.
+        bf16_supported: Whether the GPU computes in bf16 (asked of torch when ``None``).
+
+    Returns:
+        ``precision`` (effective), ``requested_precision``, ``accelerator``,
+        ``frozen_weight_dtype`` (UNet, VAE and text encoder), ``lora_parameter_dtype`` (always
+        float32), and ``precision_hint`` on a bf16-capable GPU running ``16-mixed``.
+    """
+    dtype = frozen_weight_dtype(precision, accelerator)
+    info = {
+        "precision": precision,
+        "requested_precision": str(requested if requested is not None else precision),
+        "accelerator": accelerator,
+        "frozen_weight_dtype": str(dtype).removeprefix("torch."),
+        "lora_parameter_dtype": "float32",
+    }
+    if precision == "16-mixed" and accelerator == "cuda":
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if bf16_supported:
+            info["precision_hint"] = (
+                "this GPU supports bf16 but the run uses 16-mixed (fp16 with a GradScaler); "
+                f"{BF16_OVERRIDE} needs no GradScaler and lets fused AdamW clip"
+            )
+    return info
 
 
 def _instantiate_dict(node: DictConfig | None, kind: str) -> list[Any]:
@@ -148,10 +200,12 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _write_run_info(cfg: DictConfig, output_dir: Path) -> None:
+def _write_run_info(
+    cfg: DictConfig, output_dir: Path, precision: dict[str, str] | None = None
+) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    info = {"versions": package_versions(), "git_commit": _git_commit()}
+    info = {"versions": package_versions(), "git_commit": _git_commit(), **(precision or {})}
     (output_dir / "run_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
@@ -175,8 +229,25 @@ def train(
     trainer_cb = _instantiate_dict(cfg.get("callbacks"), "callback") + list(callbacks)
     loggers = _instantiate_dict(cfg.get("logger"), "logger")
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=trainer_cb, logger=loggers or False)
+    for run_logger in trainer.loggers:  # the whole resolved config: sweeps see what they vary
+        run_logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    precision = precision_info(
+        str(trainer.precision),
+        trainer.strategy.root_device.type,
+        requested=str(cfg.trainer.get("precision", trainer.precision)),
+    )
     if trainer.is_global_zero:
-        _write_run_info(cfg, output_dir)
+        log.info(
+            "precision %s (requested %s) on %s: frozen weights %s, LoRA parameters %s",
+            precision["precision"],
+            precision["requested_precision"],
+            precision["accelerator"],
+            precision["frozen_weight_dtype"],
+            precision["lora_parameter_dtype"],
+        )
+        if "precision_hint" in precision:
+            log.info(precision["precision_hint"])
+        _write_run_info(cfg, output_dir, precision)
     dtype = frozen_weight_dtype(str(trainer.precision), trainer.strategy.root_device.type)
     components = instantiate(cfg.model, torch_dtype=dtype)
     datamodule = instantiate(cfg.data)
@@ -195,14 +266,13 @@ def train(
     resume = ckpt_path if ckpt_path is not None else cfg.get("ckpt_path")
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
 
-    throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputCallback)), None)
     validation = next((c for c in trainer.callbacks if isinstance(c, ValidationCallback)), None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update({"epochs": float(trainer.current_epoch), "steps": float(trainer.global_step)})
-    if throughput is not None:
-        metrics.update(throughput.summary())
-    for vram in (c for c in trainer.callbacks if isinstance(c, VramCallback)):
-        metrics.update(vram.summary())  # peak_rss_gib, peak_vram_gib (CUDA)
+    for callback in trainer.callbacks:  # each callback publishes its run summary into the metrics
+        summary = getattr(callback, "summary", None)
+        if callable(summary):
+            metrics.update(summary())  # samples_per_s, peak_rss_gib, resumed_from_epoch...
     metadata = {
         "lightning_lora_version": lightning_lora.__version__,
         "base_model": str(cfg.model.pretrained_model_name_or_path),
@@ -244,7 +314,17 @@ def main(cfg: DictConfig) -> float | None:
         if result.sample_grid:
             print(f"samples:          {result.sample_grid}")
         print(f"metrics:          {result.output_dir / 'summary.json'}")
-    return result.objective(str(cfg.get("optimized_metric", "val/loss")))
+    name = str(cfg.get("optimized_metric", "val/loss"))
+    try:
+        return result.objective(name)
+    except KeyError:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # a sweeper must never optimise a missing value
+        log.warning("optimized_metric %r was not logged by this run", name)
+        return None
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import pika
 import pika.exceptions
 import pytest
 
+pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
+
 if TYPE_CHECKING:
     from tests.support.broker_node import BrokerNode
 

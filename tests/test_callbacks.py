@@ -45,6 +45,8 @@ from tests.conftest import TINY_OVERRIDES
 from tests.support.receiver import RecordedRequest, Reply, WebhookReceiver
 from tests.support.s3 import MotoS3Server, fake_aws_env
 
+pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
+
 TOKEN = f"tok-{uuid.uuid4().hex}"
 STYLE_ID = 4242
 FAST = ("validation.every_n_epochs=100", "data.val_max_images=2")

@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lightning_lora.export import read_metadata
 from tests.conftest import TINY_OVERRIDES
+
+pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
 
 SCRIPT = Path(sys.executable).parent / "lightning-lora-train"
 

@@ -259,6 +259,7 @@ print(json.dumps({"delta_mb": (peak - baseline) / 2**20, "sizes": sizes}))
 """
 
 
+@pytest.mark.slow  # decodes 6 large images in a subprocess
 def test_setup_memory_grows_with_resolution_not_upload_size(tmp_path: Path) -> None:
     # 6 PNGs of 6000x6000 (about 110 kB each): Pillow holds RGB as 4 bytes a pixel, 137 MiB an
     # image decoded. Keeping the decodes (or copies of them) costs > 800 MiB; keeping only the

@@ -21,6 +21,8 @@ import pytest
 
 from tests.conftest import TINY_OVERRIDES
 
+pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

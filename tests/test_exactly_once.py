@@ -35,6 +35,7 @@ from tests.test_worker import TOKEN, _job, _spawn_worker, _stop, _terminal, _wai
 from tests.test_worker import stack as stack
 
 pytest_plugins = ["tests.support.broker_node"]
+pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
 
 SIGNING_SECRET = "whsec_" + "c2lnbmluZy1zZWNyZXQtZm9yLXRlc3Rz"
 

@@ -80,6 +80,8 @@ from typing import Any
 import pytest
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 README = ROOT / "README.md"

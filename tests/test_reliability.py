@@ -49,6 +49,8 @@ from tests.test_worker import (
     _worker,
 )
 
+pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
+
 stack = test_worker.stack  # the fixture: bucket with images, receiver, queue, token
 
 # ------------------------------------------------------------------ helpers

@@ -23,6 +23,8 @@ from lightning_lora import generate, sweep_report
 from lightning_lora.train import CONFIG_DIR, compose_config, train
 from tests.conftest import TINY_OVERRIDES
 
+pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
+
 BIN = Path(sys.executable).parent
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 #: Presets meant for a GPU: run on CPU at full precision without compiling.

@@ -38,6 +38,8 @@ from tests.test_worker import (
 )
 from tests.test_worker import stack as stack
 
+pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
+
 
 def _guide_declare(queue: str) -> None:
     """The backend's declaration, from the service guide, verbatim."""

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from lightning_lora.errors import NonFiniteLossError
 from lightning_lora.train import train
 
+pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
+
 
 def _column(run_dir: Path, name: str) -> list[tuple[int, float]]:
     """(step, value) pairs of one metric from the CSV logger."""
@@ -156,3 +158,18 @@ def test_a_second_run_in_the_same_process_starts_from_a_fresh_lora(make_cfg, tmp
     c = train(make_cfg("trainer.max_epochs=1", "seed=7", output_dir=tmp_path / "c"))
     wc = load_file(c.lora.diffusers)
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_loggers_get_the_full_config_and_a_missing_objective_raises(make_cfg) -> None:
+    import yaml
+
+    cfg = make_cfg("trainer.max_epochs=1", "lora.rank=3", "module.optimizer.lr=0.0007")
+    result = train(cfg)
+    hparams = yaml.safe_load((result.output_dir / "csv" / "hparams.yaml").read_text())
+    # what a sweep varies is what the logger shows (W&B and MLflow get the same dict)
+    assert hparams["lora"]["rank"] == 3
+    assert hparams["module"]["optimizer"]["lr"] == pytest.approx(7e-4)
+    assert hparams["data"]["resolution"] == 64
+    assert result.objective("val/loss") == result.metrics["val/loss"]
+    with pytest.raises(KeyError, match="not logged"):
+        result.objective("val/no_such_metric")

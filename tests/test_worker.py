@@ -28,6 +28,8 @@ from lightning_lora.worker.settings import load_settings
 from tests.conftest import TINY_OVERRIDES, composed
 from tests.support.broker import depth, get, running, wait_for
 
+pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
+
 TOKEN = "tok-worker-secret-1234"
 WORKER_SCRIPT = Path(sys.executable).parent / "lightning-lora-worker"
 

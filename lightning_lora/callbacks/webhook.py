@@ -27,8 +27,8 @@ reports first (this callback, the reporting code or the worker) is the only term
 
 Only global rank zero sends anything.
 
-Config: ``configs/callbacks/webhook.yaml`` is a ``_partial_`` target: the job's report (its
-``style_id`` and ``webhook_url``) comes in at run time, so
+Config: ``reporting.webhook`` (``configs/reporting/default.yaml``) is a ``_partial_`` target:
+the job's report (its ``style_id`` and ``webhook_url``) comes in at run time, so
 :func:`lightning_lora.reporting.run_reported_training` completes it per job.
 """
 
@@ -144,6 +144,10 @@ class WebhookCallback(L.Callback):
             per_step = (self.clock() - self._t0) / steps_here
             eta = math.ceil(per_step * steps_left)
         return epochs_done, total_epochs, percent, eta
+
+    def summary(self) -> dict[str, float]:
+        """Run facts for the metrics: the epoch this process resumed from, after a resume."""
+        return {"resumed_from_epoch": float(self.start_epoch)} if self.start_epoch > 0 else {}
 
     @property
     def terminal(self) -> str | None:
