@@ -105,11 +105,14 @@ class _ProgressGauge(L.Callback):
 
     def __init__(self, metrics: Any) -> None:
         self.metrics = metrics
+        self._total = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._total = float(trainer.estimated_stepping_batches or 0)  # once, not every step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        total = float(trainer.estimated_stepping_batches or 0)
-        if total > 0:
-            self.metrics.set_progress(min(1.0, trainer.global_step / total))
+        if self._total > 0:
+            self.metrics.set_progress(min(1.0, trainer.global_step / self._total))
 
 
 @dataclass
