@@ -13,9 +13,9 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lightning_lora.lora import ADAPTER
+from lightning_lora.safetensors_io import add_metadata, save_file
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
@@ -43,14 +43,6 @@ def _string_metadata(metadata: dict[str, Any]) -> dict[str, str]:
         )
         for k, v in metadata.items()
     }
-
-
-def _add_metadata(path: Path, metadata: dict[str, str]) -> None:
-    """Rewrite a safetensors file with extra metadata, keeping what it already has."""
-    with safe_open(str(path), framework="pt") as f:
-        existing = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    save_file(tensors, str(path), metadata={**existing, **metadata})
 
 
 def kohya_state_dict(
@@ -102,11 +94,16 @@ def export_lora(unet: torch.nn.Module, folder: str | Path, metadata: dict[str, A
         weight_name=DIFFUSERS_WEIGHT_NAME,
         # dropout is a training-time setting: loaders that build the adapter from this metadata
         # would otherwise add Dropout modules in train mode and make inference stochastic
-        unet_lora_adapter_metadata={**config.to_dict(), "lora_dropout": 0.0},
+        # (target_modules sorted: diffusers lists a set in hash order, which differs per process)
+        unet_lora_adapter_metadata={
+            **config.to_dict(),
+            "lora_dropout": 0.0,
+            "target_modules": sorted(config.target_modules),
+        },
     )
     string_meta = _string_metadata(metadata)
     diffusers_path = folder / DIFFUSERS_WEIGHT_NAME
-    _add_metadata(diffusers_path, string_meta)
+    add_metadata(diffusers_path, string_meta)  # also sorts the header: byte-reproducible files
     kohya_path = folder / KOHYA_WEIGHT_NAME
     save_file(kohya_state_dict(peft_sd, config.lora_alpha), str(kohya_path), metadata=string_meta)
     return LoraFiles(folder, diffusers_path, kohya_path)
