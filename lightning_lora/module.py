@@ -13,7 +13,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
@@ -21,7 +20,9 @@ from peft import LoraConfig
 from lightning_lora.compilation import CompileCache, compiled_unet, eager
 from lightning_lora.errors import NonFiniteLossError
 from lightning_lora.lora import inject_lora, lora_parameters
+from lightning_lora.losses import elementwise_loss, timestep_weights
 from lightning_lora.models import SDComponents
+from lightning_lora.timesteps import check_sampling, sample_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,14 @@ class LoRAModule(L.LightningModule):
         compile_mode: str = "none",
         compile_extra_blocks: Sequence[str] = (),
         compile_cache_dir: str | None = None,
+        loss: str = "l2",
+        huber_c: float = 0.1,
+        debiased_estimation: bool = False,
+        timestep_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        min_timestep: int = 0,
+        max_timestep: int | None = None,
     ) -> None:
         """Wrap the components and inject a fresh LoRA.
 
@@ -80,6 +89,16 @@ class LoRAModule(L.LightningModule):
             compile_cache_dir: Persistent compile cache folder (Inductor's caches and portable
                 artifacts keyed by torch, device and shapes), shared by restarts and, on a
                 shared folder, by a fleet; ``None`` leaves torch's defaults.
+            loss: Per-element loss: ``l2``, ``huber`` or ``smooth_l1`` (see
+                :mod:`lightning_lora.losses`).
+            huber_c: The Huber ``c`` of ``huber`` and ``smooth_l1``.
+            debiased_estimation: Weight the loss by ``1/sqrt(SNR)`` (with min-SNR, both apply).
+            timestep_sampling: ``uniform``, ``logit_normal`` or ``range`` (see
+                :mod:`lightning_lora.timesteps`).
+            logit_mean: Mean of ``logit_normal``.
+            logit_std: Standard deviation of ``logit_normal``.
+            min_timestep: First timestep of ``range``.
+            max_timestep: End (exclusive) of ``range``; ``None`` = the scheduler's count.
         """
         super().__init__()
         # a plain list: the hparams go into checkpoints, which load with weights_only=True
@@ -95,6 +114,13 @@ class LoRAModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.strict_loading = False
+        check_sampling(
+            timestep_sampling,
+            self.noise_scheduler.config.num_train_timesteps,
+            min_timestep,
+            max_timestep,
+        )
+        elementwise_loss(torch.zeros(1), torch.zeros(1), loss, huber_c)  # rejects bad settings now
         self.num_trainable = inject_lora(self.unet, lora, lora_seed)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -156,7 +182,8 @@ class LoRAModule(L.LightningModule):
                 (the validation loss runs it eagerly: no extra graph for eval mode and its shapes).
 
         Returns:
-            ``(B,)`` float32 losses (min-SNR weighted when ``snr_gamma`` is set).
+            ``(B,)`` float32 losses (``module.loss``; weighted by min-SNR and/or debiased
+            estimation when they are on).
         """
         sched = self.noise_scheduler
         noisy = self.add_noise(latents, noise, timesteps)
@@ -187,14 +214,13 @@ class LoRAModule(L.LightningModule):
             unet, context_manager = self.unet, eager(self.unet)
         with context_manager:
             pred = unet(noisy, timesteps, context, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        gamma = self.hparams.snr_gamma
-        if gamma:
+        hp = self.hparams
+        loss = elementwise_loss(pred, target, hp.loss, hp.huber_c).mean(dim=(1, 2, 3))
+        if hp.snr_gamma or hp.debiased_estimation:
             snr = self.snr(timesteps)
-            weights = torch.clamp(snr, max=gamma) / snr
-            if prediction_type == "v_prediction":
-                weights = torch.clamp(snr, max=gamma) / (snr + 1)
-            loss = loss * weights
+            loss = loss * timestep_weights(
+                snr, prediction_type, hp.snr_gamma, hp.debiased_estimation
+            )
         return loss
 
     # ----------------------------------------------------------------------------- noise tables
@@ -278,8 +304,16 @@ class LoRAModule(L.LightningModule):
                 latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=noise.dtype
             )
         bsz = latents.shape[0]
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device
+        hp = self.hparams
+        timesteps = sample_timesteps(
+            bsz,
+            self.noise_scheduler.config.num_train_timesteps,
+            latents.device,
+            hp.timestep_sampling,
+            hp.logit_mean,
+            hp.logit_std,
+            hp.min_timestep,
+            hp.max_timestep,
         )
         p = self.hparams.caption_dropout
         if p > 0:
