@@ -21,6 +21,8 @@ def lora_config(
     dropout: float = 0.1,
     target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
     init_lora_weights: bool | str = "gaussian",
+    use_dora: bool = False,
+    use_rslora: bool = False,
 ) -> LoraConfig:
     """Build the PEFT config for the UNet's LoRA.
 
@@ -31,6 +33,8 @@ def lora_config(
         target_modules: Names of the linear layers that get an adapter.
         init_lora_weights: PEFT init (``gaussian`` as in diffusers' recipe, ``true`` for
             Kaiming-A/zero-B, ``pissa``, ...).
+        use_dora: PEFT's DoRA (a learned magnitude per output feature besides the LoRA).
+        use_rslora: Rank-stabilised LoRA: the update is scaled by ``alpha / sqrt(rank)``.
 
     Returns:
         The config.
@@ -48,11 +52,13 @@ def lora_config(
         lora_dropout=dropout,
         init_lora_weights=init,
         target_modules=list(target_modules),
+        use_dora=bool(use_dora),
+        use_rslora=bool(use_rslora),
     )
 
 
 def _same_config(a: LoraConfig, b: LoraConfig) -> bool:
-    fields = ("r", "lora_alpha", "lora_dropout", "init_lora_weights")
+    fields = ("r", "lora_alpha", "lora_dropout", "init_lora_weights", "use_dora", "use_rslora")
     return all(getattr(a, f) == getattr(b, f) for f in fields) and set(a.target_modules) == set(
         b.target_modules
     )
@@ -85,6 +91,9 @@ def inject_lora(unet: UNet2DConditionModel, config: LoraConfig, seed: int) -> in
         for module in unet.modules():
             if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
                 module.reset_lora_parameters(ADAPTER, config.init_lora_weights)
+                variant = getattr(module, "lora_variant", {}).get(ADAPTER)
+                if variant is not None:  # DoRA: the magnitude of the weight with the reset LoRA
+                    variant.init(module, adapter_name=ADAPTER, config=config)
     unet.set_adapters(ADAPTER)
     trainable = 0
     for name, param in unet.named_parameters():

@@ -7,7 +7,7 @@ import inspect
 import logging
 import numbers
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -15,13 +15,17 @@ import numpy as np
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import cast_training_params
+from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig
 
 from lightning_lora.compilation import CompileCache, compiled_unet, eager
+from lightning_lora.ema import LoraEMA
 from lightning_lora.errors import NonFiniteLossError
 from lightning_lora.lora import inject_lora, lora_parameters
 from lightning_lora.losses import elementwise_loss, timestep_weights
 from lightning_lora.models import SDComponents
+from lightning_lora.optimizers import restore_train_mode, set_train_mode
+from lightning_lora.text_encoder import inject_text_encoder_lora
 from lightning_lora.timesteps import check_sampling, sample_timesteps
 
 log = logging.getLogger(__name__)
@@ -64,6 +68,9 @@ class LoRAModule(L.LightningModule):
         logit_std: float = 1.0,
         min_timestep: int = 0,
         max_timestep: int | None = None,
+        ema: Mapping[str, Any] | None = None,
+        text_encoder_lora: LoraConfig | None = None,
+        text_encoder_lr: float | None = None,
     ) -> None:
         """Wrap the components and inject a fresh LoRA.
 
@@ -99,12 +106,20 @@ class LoRAModule(L.LightningModule):
             logit_std: Standard deviation of ``logit_normal``.
             min_timestep: First timestep of ``range``.
             max_timestep: End (exclusive) of ``range``; ``None`` = the scheduler's count.
+            ema: ``enabled``, ``decay``, ``every_n_steps``, ``device`` (``null``: the training
+                device, or ``cpu``) of an EMA of the LoRA weights, which validation and export
+                use (see :mod:`lightning_lora.ema`).
+            text_encoder_lora: A LoRA of the text encoder too (``None``: it stays frozen).
+            text_encoder_lr: Learning rate of the text encoder's LoRA (``None``: the optimizer's).
         """
         super().__init__()
         # a plain list: the hparams go into checkpoints, which load with weights_only=True
         # (an OmegaConf ListConfig from the config would not)
         compile_extra_blocks = [str(name) for name in compile_extra_blocks]
-        self.save_hyperparameters(ignore=["components", "optimizer", "scheduler", "lora"])
+        ema = OmegaConf.to_container(ema) if isinstance(ema, DictConfig) else dict(ema or {})
+        self.save_hyperparameters(
+            ignore=["components", "optimizer", "scheduler", "lora", "text_encoder_lora"]
+        )
         self.unet = components.unet
         self.vae = components.vae
         self.text_encoder = components.text_encoder
@@ -122,6 +137,13 @@ class LoRAModule(L.LightningModule):
         )
         elementwise_loss(torch.zeros(1), torch.zeros(1), loss, huber_c)  # rejects bad settings now
         self.num_trainable = inject_lora(self.unet, lora, lora_seed)
+        self.text_encoder_lora = text_encoder_lora
+        self.num_trainable += inject_text_encoder_lora(
+            self.text_encoder, text_encoder_lora, lora_seed + 1
+        )
+        self.ema: LoraEMA | None = None
+        self._ema_state: dict[str, Any] | None = None
+        self._val_captions: list[str] = []
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         else:
@@ -148,6 +170,15 @@ class LoRAModule(L.LightningModule):
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """Captions -> text encoder last hidden states (the UNet's cross-attention context)."""
+        return self.text_context(captions)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether the text encoder has a LoRA that trains (then text is encoded every step)."""
+        return self.text_encoder_lora is not None
+
+    def text_context(self, captions: list[str]) -> torch.Tensor:
+        """:meth:`encode_text` with gradients (into the text encoder's LoRA when it trains)."""
         ids = self.tokenizer(
             captions,
             padding="max_length",
@@ -291,7 +322,10 @@ class LoRAModule(L.LightningModule):
         """Latent distribution parameters and text context of a cached or uncached batch."""
         if "latent_params" in batch:
             return batch["latent_params"], batch["text_embeds"]
-        return self.encode_images(batch["pixel_values"]), self.encode_text(batch["captions"])
+        captions = batch["captions"]
+        if self.trains_text_encoder:
+            return self.encode_images(batch["pixel_values"]), self.text_context(captions)
+        return self.encode_images(batch["pixel_values"]), self.encode_text(captions)
 
     def training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The diffusers recipe's training loss for one batch (draws latents, noise, timesteps)."""
@@ -323,6 +357,8 @@ class LoRAModule(L.LightningModule):
 
     def empty_embed(self) -> torch.Tensor:
         """Text context of the empty caption (used for caption dropout)."""
+        if self.trains_text_encoder:
+            return self.text_context([""])  # changes as the text encoder trains
         if self._empty_embed is None:
             self._empty_embed = self.encode_text([""])
         return self._empty_embed
@@ -364,6 +400,8 @@ class LoRAModule(L.LightningModule):
         every = max(1, self.hparams.check_finite_every_n_steps)
         if self.trainer.global_step % every == 0:
             self.check_finite()
+        if self.ema is not None:
+            self.ema.maybe_update(self.trainer.global_step)
         if self._compile_cache is not None and not self._compile_saved:
             # after the first step, forward and backward are compiled: share them early
             self._compile_cache.save()
@@ -384,28 +422,68 @@ class LoRAModule(L.LightningModule):
         """Encode the fixed validation examples and draw their fixed noise once."""
         latents = self._latents(self.encode_images(pixels), sample=False)
         context = self.encode_text(captions)
+        self._val_captions = list(captions)
         gen = torch.Generator().manual_seed(1234)
         noise = torch.randn((len(VAL_TIMESTEPS), *latents.shape), generator=gen)
         self._val_inputs = (latents, context, noise.to(latents.device, latents.dtype))
 
     @torch.no_grad()
     def validation_loss(self) -> torch.Tensor:
-        """Deterministic loss: fixed images, fixed timesteps, fixed noise, LoRA dropout off."""
+        """Deterministic loss: fixed images, fixed timesteps, fixed noise, LoRA dropout off.
+
+        With an EMA or a schedule-free optimizer, the loss of the evaluation weights.
+        """
         assert self._val_inputs is not None, "prepare_validation() first"
         latents, context, noise = self._val_inputs
-        was_training = self.unet.training
+        was_training = self.unet.training, self.text_encoder.training
         self.unet.eval()
+        self.text_encoder.eval()
         losses = []
         try:
-            with self.trainer.precision_plugin.forward_context():
+            with self.evaluation_weights(), self.trainer.precision_plugin.forward_context():
+                if self.trains_text_encoder:  # the cached context is of the untrained encoder
+                    context = self.encode_text(self._val_captions)
                 for i, t in enumerate(VAL_TIMESTEPS):
                     timesteps = torch.full((latents.shape[0],), t, device=latents.device)
                     losses.append(
                         self.diffusion_loss(latents, context, noise[i], timesteps, compiled=False)
                     )
         finally:
-            self.unet.train(was_training)
+            self.unet.train(was_training[0])
+            self.text_encoder.train(was_training[1])
         return torch.cat(losses).mean()
+
+    # ----------------------------------------------------------------------------- eval weights
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The LoRA parameters: the UNet's, then the text encoder's (when it trains)."""
+        params = lora_parameters(self.unet)
+        if self.trains_text_encoder:
+            params += lora_parameters(self.text_encoder)
+        return params
+
+    @contextlib.contextmanager
+    def evaluation_weights(self) -> Iterator[None]:
+        """The weights to validate and export: the EMA's and/or schedule-free's averaged ones.
+
+        Without an EMA and with an ordinary optimizer this changes nothing. Afterwards the
+        training weights and optimizer modes are back exactly as they were.
+        """
+        trainer = self._trainer
+        optimizers = list(trainer.optimizers) if trainer is not None else []
+        before = set_train_mode(optimizers, train=False)
+        try:
+            with self.ema.averaged() if self.ema is not None else contextlib.nullcontext():
+                yield
+        finally:
+            restore_train_mode(optimizers, before)
+
+    def on_train_epoch_start(self) -> None:
+        set_train_mode(self.trainer.optimizers, train=True)  # schedule-free: train weights
+
+    def on_train_epoch_end(self) -> None:
+        # schedule-free: the epoch-end checkpoint (saved after this hook) and the export after
+        # the last epoch hold the averaged weights; the next epoch switches back
+        set_train_mode(self.trainer.optimizers, train=False)
 
     # ----------------------------------------------------------------------------- hooks
     def setup(self, stage: str) -> None:
@@ -415,8 +493,9 @@ class LoRAModule(L.LightningModule):
             datamodule.use_encoders(self)
 
     def on_fit_start(self) -> None:
-        """Precision fix-up, the validation inputs, device-side noise tables."""
-        cast_training_params(self.unet, dtype=torch.float32)
+        """Precision fix-up, the EMA, the validation inputs, device-side noise tables."""
+        cast_training_params([self.unet, self.text_encoder], dtype=torch.float32)
+        self._start_ema()
         if self.hparams.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self.prepare_validation_inputs()
@@ -424,6 +503,20 @@ class LoRAModule(L.LightningModule):
             # noise tables on the device, built in the training step's autocast state
             for dtype in {torch.float32, self.vae.dtype}:
                 self.noise_tables(self.device, dtype)
+
+    def _start_ema(self) -> None:
+        settings = self.hparams.get("ema") or {}
+        if not settings.get("enabled", False):
+            return
+        self.ema = LoraEMA(
+            self.trainable_parameters(),
+            decay=float(settings.get("decay", 0.999)),
+            every_n_steps=int(settings.get("every_n_steps", 1)),
+            device=settings.get("device"),
+        )
+        if self._ema_state is not None:  # resuming: the checkpoint's averages
+            self.ema.load_state_dict(self._ema_state)
+            self._ema_state = None
 
     def prepare_validation_inputs(self) -> None:
         """Encode the datamodule's fixed validation examples once, on the training device."""
@@ -436,7 +529,7 @@ class LoRAModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # After a resume, Lightning has loaded the checkpoint's LoRA tensors: keep them fp32.
-        cast_training_params(self.unet, dtype=torch.float32)
+        cast_training_params([self.unet, self.text_encoder], dtype=torch.float32)
 
     def on_train_end(self) -> None:
         if self._compile_cache is not None:
@@ -467,7 +560,12 @@ class LoRAModule(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> Any:
-        params = lora_parameters(self.unet)
+        params: list[Any] = lora_parameters(self.unet)
+        if self.trains_text_encoder:
+            text_group: dict[str, Any] = {"params": lora_parameters(self.text_encoder)}
+            if self.hparams.text_encoder_lr is not None:
+                text_group["lr"] = float(self.hparams.text_encoder_lr)
+            params = [{"params": params}, text_group]
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
@@ -493,6 +591,8 @@ class LoRAModule(L.LightningModule):
             "alpha": self.lora_config.lora_alpha,
             "target_modules": sorted(self.lora_config.target_modules),
         }
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("lora_config")
@@ -506,6 +606,9 @@ class LoRAModule(L.LightningModule):
             )
         if "rng_states" in checkpoint:
             restore_rng_state_tensors(checkpoint["rng_states"])
+        self._ema_state = checkpoint.get("ema")  # loaded into the EMA at fit start
+        if self._ema_state is None and (self.hparams.get("ema") or {}).get("enabled", False):
+            log.warning("the checkpoint has no EMA state: the EMA restarts from its weights")
 
 
 def rng_state_tensors() -> dict[str, Any]:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import lightning_lora
 from lightning_lora.export import LoraFiles, export_lora
+from lightning_lora.text_encoder import build_lora_configs
 from lightning_lora.validation import ValidationCallback
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,46 @@ def _write_run_info(
     (output_dir / "run_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
+def training_options_metadata(cfg: DictConfig, module: Any) -> dict[str, Any]:
+    """The LoRA metadata of the training options (optimizer, loss, timesteps, EMA, variants).
+
+    Args:
+        cfg: The resolved config.
+        module: The trained ``LoRAModule``.
+
+    Returns:
+        kohya's names where kohya has one (``optimizer``, ``text_encoder_lr``, ``min_snr_gamma``,
+        ...), ``lightning_lora_<name>`` otherwise.
+    """
+    hp = module.hparams
+    te = module.text_encoder_lora
+    ema = hp.get("ema") or {}
+    meta: dict[str, Any] = {
+        "optimizer": str(cfg.module.optimizer._target_),
+        "train_text_encoder": te is not None,
+        "text_encoder_lr": hp.text_encoder_lr if te is not None else None,
+        "min_snr_gamma": hp.snr_gamma,
+        "debiased_estimation": bool(hp.debiased_estimation),
+        "loss_type": hp.loss,
+        "huber_c": hp.huber_c,
+        "lightning_lora_timestep_sampling": hp.timestep_sampling,
+        "min_timestep": hp.min_timestep,
+        "max_timestep": hp.max_timestep,
+        "lightning_lora_ema": bool(ema.get("enabled", False)),
+        "lightning_lora_use_dora": bool(module.lora_config.use_dora),
+        "lightning_lora_use_rslora": bool(module.lora_config.use_rslora),
+    }
+    if hp.timestep_sampling == "logit_normal":
+        meta["lightning_lora_logit_mean"] = hp.logit_mean
+        meta["lightning_lora_logit_std"] = hp.logit_std
+    if ema.get("enabled", False):
+        meta["lightning_lora_ema_decay"] = float(ema.get("decay", 0.999))
+    if te is not None:
+        meta["lightning_lora_text_encoder_dim"] = te.r
+        meta["lightning_lora_text_encoder_alpha"] = te.lora_alpha
+    return meta
+
+
 def train(
     cfg: DictConfig,
     callbacks: Sequence[L.Callback] = (),
@@ -250,12 +291,20 @@ def train(
         _write_run_info(cfg, output_dir, precision)
     dtype = frozen_weight_dtype(str(trainer.precision), trainer.strategy.root_device.type)
     components = instantiate(cfg.model, torch_dtype=dtype)
-    datamodule = instantiate(cfg.data)
+    lora, text_encoder_lora, text_encoder_lr = build_lora_configs(cfg.lora)
+    data_overrides = {}
+    if text_encoder_lora is not None and cfg.data.get("cache_latents", False):
+        # the cached text embeddings would be of the untrained encoder: encode every step
+        log.info("lora.text_encoder.enabled: captions (and images) are encoded every step")
+        data_overrides["cache_latents"] = False
+    datamodule = instantiate(cfg.data, **data_overrides)
     module = instantiate(cfg.module, _partial_=True)(
         components=components,
-        lora=instantiate(cfg.lora),
+        lora=lora,
         caption_dropout=cfg.data.caption_dropout,
         lora_seed=cfg.seed,
+        text_encoder_lora=text_encoder_lora,
+        text_encoder_lr=text_encoder_lr,
     )
     # the LoRA init above used cfg.seed on every rank (identical weights); the per-step draws
     # (latent samples, noise, timesteps) are decorrelated across data-parallel ranks
@@ -287,11 +336,14 @@ def train(
         "dataset_hash": datamodule.dataset_hash(),
         "learning_rate": float(cfg.module.optimizer.lr),
         "seed": int(cfg.seed),
+        **training_options_metadata(cfg, module),
     }
     lora_files = None
     ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or None
     if trainer.is_global_zero:
-        lora_files = export_lora(module.unet, output_dir / "lora", metadata)
+        text_encoder = module.text_encoder if module.trains_text_encoder else None
+        with module.evaluation_weights():  # the EMA's / schedule-free's weights when they are on
+            lora_files = export_lora(module.unet, output_dir / "lora", metadata, text_encoder)
         summary = {"metrics": metrics, "metadata": metadata, "lora": str(lora_files.diffusers)}
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return TrainResult(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -174,15 +175,18 @@ class ValidationCallback(L.Callback):
         pipe.set_progress_bar_config(disable=True)
         was_training = pl_module.unet.training
         pl_module.unet.eval()
+        # the EMA's / schedule-free's averaged weights when they are on
+        weights = getattr(pl_module, "evaluation_weights", contextlib.nullcontext)
         try:
-            images = generate(
-                pipe,
-                self.prompts,
-                resolution,
-                self.num_inference_steps,
-                self.guidance_scale,
-                self.seed,
-            )
+            with weights():
+                images = generate(
+                    pipe,
+                    self.prompts,
+                    resolution,
+                    self.num_inference_steps,
+                    self.guidance_scale,
+                    self.seed,
+                )
         finally:
             pl_module.unet.train(was_training)
             cast_training_params(pl_module.unet, dtype=torch.float32)

@@ -37,6 +37,7 @@ from benchmarks import baseline, bench, models, report
 from lightning_lora import compilation
 from lightning_lora.models import _SD15_SCHEDULER, load_components
 from lightning_lora.module import LoRAModule
+from lightning_lora.text_encoder import build_lora_configs
 from lightning_lora.train import BF16_OVERRIDE, precision_info, train
 
 pytestmark = pytest.mark.slow  # compiles and trains: make test, not make test-fast
@@ -322,7 +323,7 @@ def _modules(cfg):
 
     def new_module(seed: int) -> LoRAModule:
         return instantiate(cfg.module, _partial_=True)(
-            components=components, lora=instantiate(cfg.lora), lora_seed=seed
+            components=components, lora=build_lora_configs(cfg.lora)[0], lora_seed=seed
         )
 
     return new_module

@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 
 from lightning_lora.losses import debiased_weights, elementwise_loss, timestep_weights
+from lightning_lora.text_encoder import build_lora_configs
 from lightning_lora.timesteps import check_sampling, sample_timesteps
 
 T = 1000
@@ -121,7 +122,7 @@ def tiny_module_factory(tiny_model):
         cfg = composed(*TINY_OVERRIDES, "lora.dropout=0.0", *overrides)
         components = instantiate(cfg.model)
         return instantiate(cfg.module, _partial_=True)(
-            components=components, lora=instantiate(cfg.lora), lora_seed=0
+            components=components, lora=build_lora_configs(cfg.lora)[0], lora_seed=0
         )
 
     return make

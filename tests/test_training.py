@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from lightning_lora.errors import NonFiniteLossError
+from lightning_lora.text_encoder import build_lora_configs
 from lightning_lora.train import train
 
 pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
@@ -129,7 +130,7 @@ def test_cached_and_uncached_losses_are_identical(make_cfg) -> None:
     cfg = make_cfg("data.caption_dropout=0.3")
     components = instantiate(cfg.model)
     module = instantiate(cfg.module, _partial_=True)(
-        components=components, lora=instantiate(cfg.lora), caption_dropout=0.3
+        components=components, lora=build_lora_configs(cfg.lora)[0], caption_dropout=0.3
     )
     torch.manual_seed(3)
     for p in module.unet.parameters():  # give the LoRA a non-zero B so it matters

@@ -1,0 +1,90 @@
+"""The optional LoRA of the CLIP text encoder: its config, injection and kohya keys.
+
+The UNet's and the text encoder's settings live in one config node, ``lora``, with the text
+encoder's own rank, alpha, learning rate and target modules under ``lora.text_encoder``; its
+dropout, init, DoRA and rsLoRA follow the UNet's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+
+from lightning_lora.lora import ADAPTER, _same_config, lora_config
+
+#: Default target modules of the text encoder's LoRA (CLIP attention projections).
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def build_lora_configs(node: DictConfig) -> tuple[LoraConfig, LoraConfig | None, float | None]:
+    """The UNet's LoRA config, the text encoder's (or ``None``) and its learning rate.
+
+    Args:
+        node: The ``lora`` config node (``_target_: lightning_lora.lora.lora_config`` plus the
+            ``text_encoder`` section).
+
+    Returns:
+        ``(unet_config, text_encoder_config, text_encoder_lr)``.
+    """
+    settings: dict[str, Any] = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
+    text = dict(settings.pop("text_encoder", None) or {})
+    unet = instantiate(settings)
+    if not text.get("enabled", False):
+        return unet, None, None
+    te = lora_config(
+        rank=int(text.get("rank", unet.r)),
+        alpha=float(text.get("alpha", unet.lora_alpha)),
+        dropout=float(unet.lora_dropout),
+        target_modules=list(text.get("target_modules") or TEXT_ENCODER_TARGETS),
+        init_lora_weights=unet.init_lora_weights,
+        use_dora=bool(unet.use_dora),
+        use_rslora=bool(unet.use_rslora),
+    )
+    lr = text.get("lr")
+    return unet, te, None if lr is None else float(lr)
+
+
+def inject_text_encoder_lora(
+    text_encoder: torch.nn.Module, config: LoraConfig | None, seed: int
+) -> int:
+    """Give the text encoder a fresh LoRA, or remove one a previous run in this process left.
+
+    Like :func:`lightning_lora.lora.inject_lora` (a reused adapter of the same shape is
+    re-initialised in place from ``seed``), with transformers' adapter API.
+
+    Args:
+        text_encoder: The frozen ``CLIPTextModel`` (shared by the runs of a process).
+        config: The LoRA config, or ``None`` to train no text-encoder LoRA.
+        seed: Seed of the initialisation.
+
+    Returns:
+        The number of trainable parameters added.
+    """
+    existing = (getattr(text_encoder, "peft_config", None) or {}).get(ADAPTER)
+    if existing is not None and (config is None or not _same_config(existing, config)):
+        text_encoder.delete_adapter(ADAPTER)
+        existing = None
+    if config is None:
+        return 0
+    if existing is None:
+        text_encoder.add_adapter(config, adapter_name=ADAPTER)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in text_encoder.modules():
+            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+                module.reset_lora_parameters(ADAPTER, config.init_lora_weights)
+                variant = getattr(module, "lora_variant", {}).get(ADAPTER)
+                if variant is not None:
+                    variant.init(module, adapter_name=ADAPTER, config=config)
+    text_encoder.set_adapter(ADAPTER)
+    trainable = 0
+    for name, param in text_encoder.named_parameters():
+        is_lora = "lora_" in name
+        param.requires_grad_(is_lora)
+        trainable += param.numel() if is_lora else 0
+    return trainable
