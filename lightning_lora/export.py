@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,11 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
-from lightning_lora.kohya import kohya_state_dict
+from lightning_lora.kohya import DORA_NOT_IN_KOHYA, kohya_state_dict
 from lightning_lora.lora import ADAPTER
 from lightning_lora.safetensors_io import add_metadata, save_file
+
+log = logging.getLogger(__name__)
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
@@ -29,12 +32,12 @@ class LoraFiles:
     Attributes:
         folder: The folder ``pipe.load_lora_weights`` takes.
         diffusers: The diffusers-format file.
-        kohya: The kohya-format file.
+        kohya: The kohya-format file (``None`` for DoRA, which kohya's format cannot carry).
     """
 
     folder: Path
     diffusers: Path
-    kohya: Path
+    kohya: Path | None
 
 
 def _string_metadata(metadata: dict[str, Any]) -> dict[str, str]:
@@ -87,7 +90,7 @@ def export_lora(
     folder.mkdir(parents=True, exist_ok=True)
     config: LoraConfig = unet.peft_config[ADAPTER]
     peft_sd = _peft_state(unet)
-    kohya_sd = kohya_state_dict(peft_sd, config, "unet")
+    kohya_sd = None if config.use_dora else kohya_state_dict(peft_sd, config, "unet")
     text_kwargs: dict[str, Any] = {}
     if text_encoder is not None:
         te_config: LoraConfig = text_encoder.peft_config[ADAPTER]
@@ -96,7 +99,8 @@ def export_lora(
             "text_encoder_lora_layers": convert_state_dict_to_diffusers(te_sd),
             "text_encoder_lora_adapter_metadata": _adapter_metadata(te_config),
         }
-        kohya_sd.update(kohya_state_dict(te_sd, te_config, "text_encoder"))
+        if kohya_sd is not None:
+            kohya_sd.update(kohya_state_dict(te_sd, te_config, "text_encoder"))
     StableDiffusionPipeline.save_lora_weights(
         save_directory=str(folder),
         unet_lora_layers=convert_state_dict_to_diffusers(peft_sd),
@@ -108,8 +112,13 @@ def export_lora(
     string_meta = _string_metadata(metadata)
     diffusers_path = folder / DIFFUSERS_WEIGHT_NAME
     add_metadata(diffusers_path, string_meta)  # also sorts the header: byte-reproducible files
-    kohya_path = folder / KOHYA_WEIGHT_NAME
-    save_file(kohya_sd, kohya_path, metadata=string_meta)
+    kohya_path: Path | None = folder / KOHYA_WEIGHT_NAME
+    if kohya_sd is None:
+        log.warning(DORA_NOT_IN_KOHYA)
+        kohya_path.unlink(missing_ok=True)  # not an older run's file next to this one
+        kohya_path = None
+    else:
+        save_file(kohya_sd, kohya_path, metadata=string_meta)
     return LoraFiles(folder, diffusers_path, kohya_path)
 
 

@@ -1,15 +1,17 @@
-"""PEFT LoRA state dicts -> kohya keys (A1111/ComfyUI), with the real alpha, rsLoRA and DoRA.
+"""PEFT LoRA state dicts -> kohya keys (A1111/ComfyUI), with the real alpha and rsLoRA.
 
 diffusers' ``convert_state_dict_to_kohya`` renames the LoRA matrices; this adds what it leaves out:
 
 - ``.alpha`` is the run's alpha, not the rank it writes: kohya-style loaders scale by
   ``alpha / rank``. For rsLoRA (scale ``alpha / sqrt(rank)``) the stored alpha is
   ``alpha * sqrt(rank)``, which gives the same scale in those loaders.
-- DoRA magnitudes become ``<module>.dora_scale`` shaped ``(out_features, 1)``: the layout ComfyUI
-  reads as a magnitude per output feature (``weight_decompose`` with ``wd_on_output_axis``), which
-  is PEFT's DoRA; diffusers' kohya loader reads it back too. diffusers' converter does not rename
-  UNet magnitudes (its DoRA rename sits in an ``elif`` after the ``unet`` one).
 - SD1.5's text encoder is ``lora_te_...`` (diffusers writes SDXL's ``lora_te1_``).
+
+DoRA has no kohya form: kohya/LyCORIS ``dora_scale`` (what A1111 and ComfyUI read) is a magnitude
+per *input* column of ``W + dW``, PEFT's DoRA a magnitude per *output* row; one cannot be rewritten
+as the other. ComfyUI's newer output-axis branch divides by the norm of the base weight, not of
+``W + dW``, and older ComfyUI and A1111 would broadcast an ``(out, 1)`` scale over the wrong axis
+without an error. So a DoRA LoRA is written in diffusers format only (:data:`DORA_NOT_IN_KOHYA`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ from diffusers.utils.state_dict_utils import StateDictType
 from peft import LoraConfig
 
 MAGNITUDE = "lora_magnitude_vector"
+#: Why a DoRA LoRA has no kohya file.
+DORA_NOT_IN_KOHYA = (
+    "lora.use_dora=true: the LoRA is written in diffusers format only; kohya's dora_scale (A1111, "
+    "ComfyUI) is a magnitude per input column, PEFT's DoRA one per output row, so the kohya "
+    "format cannot carry it"
+)
 #: The diffusers component prefix -> the kohya prefix.
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
@@ -50,19 +58,18 @@ def kohya_state_dict(
         component: ``unet`` or ``text_encoder``.
 
     Returns:
-        ``<prefix><module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (and
-        ``.dora_scale`` for DoRA) tensors.
+        ``<prefix><module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` tensors.
+
+    Raises:
+        ValueError: A DoRA state dict (see :data:`DORA_NOT_IN_KOHYA`).
     """
+    if config.use_dora or any(MAGNITUDE in k for k in peft_state_dict):
+        raise ValueError(DORA_NOT_IN_KOHYA)
     if component not in PREFIXES:
         raise ValueError(f"component must be one of {sorted(PREFIXES)}, got {component!r}")
     alpha = torch.tensor(kohya_alpha(config))
     out: dict[str, torch.Tensor] = {}
     for key, tensor in peft_state_dict.items():
-        if MAGNITUDE in key:
-            stem = key.split(f".{MAGNITUDE}")[0]
-            down = _kohya_name(f"{component}.{stem}.lora_A.weight")
-            out[down.replace(".lora_down.weight", ".dora_scale")] = tensor.reshape(-1, 1)
-            continue
         name = _kohya_name(f"{component}.{key}")
         out[name] = tensor.contiguous()
         if name.endswith(".lora_down.weight"):

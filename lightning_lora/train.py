@@ -362,7 +362,7 @@ def main(cfg: DictConfig) -> float | None:
     result = train(cfg)
     if result.lora is not None:
         print(f"LoRA (diffusers): {result.lora.diffusers}")
-        print(f"LoRA (kohya):     {result.lora.kohya}")
+        print(f"LoRA (kohya):     {result.lora.kohya or 'not written (DoRA: diffusers only)'}")
         if result.sample_grid:
             print(f"samples:          {result.sample_grid}")
         print(f"metrics:          {result.output_dir / 'summary.json'}")
