@@ -5,7 +5,9 @@ diffusers' ``convert_state_dict_to_kohya`` renames the LoRA matrices; this adds 
 - ``.alpha`` is the run's alpha, not the rank it writes: kohya-style loaders scale by
   ``alpha / rank``. For rsLoRA (scale ``alpha / sqrt(rank)``) the stored alpha is
   ``alpha * sqrt(rank)``, which gives the same scale in those loaders.
-- SD1.5's text encoder is ``lora_te_...`` (diffusers writes SDXL's ``lora_te1_``).
+- SD1.5's text encoder is ``lora_te_text_model_encoder_layers_N_...``: diffusers writes SDXL's
+  ``lora_te1_``, and transformers 5 drops CLIP's ``text_model.`` level that the SD1.5 checkpoint
+  (and so A1111 and ComfyUI) name the modules with.
 
 DoRA has no kohya form: kohya/LyCORIS ``dora_scale`` (what A1111 and ComfyUI read) is a magnitude
 per *input* column of ``W + dW``, PEFT's DoRA a magnitude per *output* row; one cannot be rewritten
@@ -70,6 +72,8 @@ def kohya_state_dict(
     alpha = torch.tensor(kohya_alpha(config))
     out: dict[str, torch.Tensor] = {}
     for key, tensor in peft_state_dict.items():
+        if component == "text_encoder" and not key.startswith("text_model."):
+            key = f"text_model.{key}"  # the SD1.5 checkpoint's module names
         name = _kohya_name(f"{component}.{key}")
         out[name] = tensor.contiguous()
         if name.endswith(".lora_down.weight"):

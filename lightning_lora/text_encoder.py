@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig
+from peft.functional import delete_adapter, inject_adapter_in_model, set_adapter
 from peft.tuners.lora import LoraLayer
 
 from lightning_lora.lora import ADAPTER, _same_config, lora_config
@@ -55,7 +56,8 @@ def inject_text_encoder_lora(
     """Give the text encoder a fresh LoRA, or remove one a previous run in this process left.
 
     Like :func:`lightning_lora.lora.inject_lora` (a reused adapter of the same shape is
-    re-initialised in place from ``seed``), with transformers' adapter API.
+    re-initialised in place from ``seed``), with PEFT's functional API (transformers'
+    ``add_adapter`` wants a newer PEFT than diffusers does).
 
     Args:
         text_encoder: The frozen ``CLIPTextModel`` (shared by the runs of a process).
@@ -67,12 +69,14 @@ def inject_text_encoder_lora(
     """
     existing = (getattr(text_encoder, "peft_config", None) or {}).get(ADAPTER)
     if existing is not None and (config is None or not _same_config(existing, config)):
-        text_encoder.delete_adapter(ADAPTER)
+        delete_adapter(text_encoder, adapter_name=ADAPTER, prefix="lora_")
+        del text_encoder.peft_config[ADAPTER]
         existing = None
     if config is None:
         return 0
     if existing is None:
-        text_encoder.add_adapter(config, adapter_name=ADAPTER)
+        inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER)
+        text_encoder.peft_config = {ADAPTER: config}  # what get_peft_model_state_dict reads
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for module in text_encoder.modules():
@@ -81,7 +85,7 @@ def inject_text_encoder_lora(
                 variant = getattr(module, "lora_variant", {}).get(ADAPTER)
                 if variant is not None:
                     variant.init(module, adapter_name=ADAPTER, config=config)
-    text_encoder.set_adapter(ADAPTER)
+    set_adapter(text_encoder, ADAPTER)
     trainable = 0
     for name, param in text_encoder.named_parameters():
         is_lora = "lora_" in name
