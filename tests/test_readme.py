@@ -365,7 +365,9 @@ def check_train_line(command: Command) -> int:
     for run, cfg in zip(runs, compose_train(*runs), strict=True):
         assert_overrides_applied(run, cfg, command.where)
         for key in OmegaConf.select(cfg, "hydra.sweeper.params") or {}:
-            assert OmegaConf.select(cfg, str(key)) is not None, f"{command}: searches {key}"
+            # the key must exist (a default of null, e.g. module.snr_gamma, is fine)
+            found = OmegaConf.select(cfg, str(key), default="<missing>")
+            assert found != "<missing>", f"{command}: searches {key}"
     return len(runs)
 
 
