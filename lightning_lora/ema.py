@@ -45,6 +45,7 @@ class LoraEMA:
         self.device = torch.device(device) if device else self.parameters[0].device
         self.model = EMAModel(self.parameters, decay=decay)
         self.model.to(self.device)
+        self._last_step = -1
 
     def _sources(self) -> list[torch.Tensor]:
         if all(p.device == self.device for p in self.parameters):
@@ -57,14 +58,18 @@ class LoraEMA:
     def maybe_update(self, global_step: int) -> bool:
         """Update after optimizer step ``global_step`` when it is due (every N steps).
 
+        Called after every batch; with gradient accumulation the step count repeats until the
+        optimizer steps, and a repeated count is not averaged again.
+
         Args:
             global_step: The trainer's optimizer step count after the step.
 
         Returns:
             Whether the averages were updated.
         """
-        if global_step < 1 or global_step % self.every_n_steps:
+        if global_step < 1 or global_step == self._last_step or global_step % self.every_n_steps:
             return False
+        self._last_step = global_step
         self.model.step(self._sources())
         return True
 

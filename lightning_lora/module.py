@@ -141,6 +141,8 @@ class LoRAModule(L.LightningModule):
         self.num_trainable += inject_text_encoder_lora(
             self.text_encoder, text_encoder_lora, lora_seed + 1
         )
+        # CLIP has no dropout of its own: train mode only switches on its LoRA's dropout
+        self.text_encoder.train(self.trains_text_encoder)
         self.ema: LoraEMA | None = None
         self._ema_state: dict[str, Any] | None = None
         self._val_captions: list[str] = []

@@ -173,8 +173,9 @@ class ValidationCallback(L.Callback):
         )
         pipe = build_pipeline(components)
         pipe.set_progress_bar_config(disable=True)
-        was_training = pl_module.unet.training
+        was_training = pl_module.unet.training, pl_module.text_encoder.training
         pl_module.unet.eval()
+        pl_module.text_encoder.eval()  # a trained text encoder's LoRA dropout off too
         # the EMA's / schedule-free's averaged weights when they are on
         weights = getattr(pl_module, "evaluation_weights", contextlib.nullcontext)
         try:
@@ -188,8 +189,9 @@ class ValidationCallback(L.Callback):
                     self.seed,
                 )
         finally:
-            pl_module.unet.train(was_training)
-            cast_training_params(pl_module.unet, dtype=torch.float32)
+            pl_module.unet.train(was_training[0])
+            pl_module.text_encoder.train(was_training[1])
+            cast_training_params([pl_module.unet, pl_module.text_encoder], dtype=torch.float32)
         grid = make_grid(images)
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         path = self.samples_dir / f"epoch_{trainer.current_epoch + 1:04d}.png"

@@ -12,7 +12,24 @@ from safetensors.torch import load_file
 
 from lightning_lora.train import train
 
-pytestmark = pytest.mark.slow  # trains
+
+def test_ema_updates_once_per_due_optimizer_step() -> None:
+    from lightning_lora.ema import LoraEMA
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = LoraEMA([p], decay=0.9, every_n_steps=2)
+    updates = []
+    for step in (0, 1, 1, 2, 2, 2, 3, 4):  # gradient accumulation repeats a step count
+        with torch.no_grad():
+            p.fill_(float(step))
+        updates.append(ema.maybe_update(step))
+    assert updates == [False, False, False, True, False, False, False, True]
+    assert ema.model.optimization_step == 2
+    # update 1 copies (decay 0), update 2 uses min(0.9, 2/11)
+    d = 2 / 11
+    with ema.averaged():
+        torch.testing.assert_close(p.detach(), torch.full((3,), d * 2.0 + (1 - d) * 4.0))
+    assert torch.equal(p.detach(), torch.full((3,), 4.0))  # the trained weights are back
 
 
 def _diffusers_key(name: str) -> str:
@@ -39,6 +56,7 @@ class _StepWeights(L.Callback):
         }
 
 
+@pytest.mark.slow  # trains
 def test_exported_lora_is_the_ema_by_hand(make_cfg) -> None:
     record = _StepWeights()
     cfg = make_cfg(
@@ -71,6 +89,7 @@ def _column(run_dir: Path, name: str) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r[name])) for r in csv.DictReader(f) if r.get(name)]
 
 
+@pytest.mark.slow  # trains three times
 def test_resume_with_ema_is_exact(make_cfg, tmp_path: Path) -> None:
     options = ("module.optimizer.lr=1e-2", "module.ema.enabled=true", "module.ema.decay=0.5")
     full = train(make_cfg("trainer.max_epochs=4", *options, output_dir=tmp_path / "full"))
