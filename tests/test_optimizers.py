@@ -109,3 +109,19 @@ def test_schedule_free_exports_and_checkpoints_its_eval_weights(make_cfg) -> Non
         torch.testing.assert_close(ckpt["state_dict"][f"unet.{name}"], modes.eval_weights[name])
         differ += not torch.equal(modes.eval_weights[name], modes.train_weights[name])
     assert differ > 0  # the eval (averaged) weights are not the train weights
+
+
+@pytest.mark.slow  # trains three times
+def test_schedule_free_resume_from_the_epoch_checkpoint_is_exact(make_cfg, tmp_path) -> None:
+    pytest.importorskip("schedulefree")
+    options = ("module/optimizer=schedule_free", "module.optimizer.lr=1e-2")
+    full = train(make_cfg("trainer.max_epochs=4", *options, output_dir=tmp_path / "full"))
+    first = train(make_cfg("trainer.max_epochs=2", *options, output_dir=tmp_path / "first"))
+    resumed = train(
+        make_cfg("trainer.max_epochs=4", *options, output_dir=tmp_path / "resumed"),
+        ckpt_path=first.last_checkpoint,
+    )
+    a, b = load_file(full.lora.diffusers), load_file(resumed.lora.diffusers)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
