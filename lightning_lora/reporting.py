@@ -105,6 +105,8 @@ def upload_final_lora(storage: S3Storage, style_id: int, result: TrainResult) ->
     """
     if result.lora is None:
         raise UploadError(f"no exported LoRA to upload for style {style_id}")
+    if result.lora.kohya is None:  # lora.use_dora: the worker refuses it at start
+        raise UploadError(f"no kohya file to upload for style {style_id} (DoRA: diffusers only)")
     meta = {
         "style_id": style_id,
         "training_epochs": result.metadata.get("num_epochs"),
