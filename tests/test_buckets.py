@@ -240,3 +240,31 @@ def test_worker_config_trains_bucketed() -> None:
     cfg = compose_worker_config(["model=tiny"])
     assert cfg.data.bucketing.enabled is True
     assert cfg.data.bucketing.step == 64
+
+
+@pytest.mark.slow  # trains the tiny model for an epoch
+def test_bucketed_run_records_bucket_info_in_summary_and_lora(make_cfg, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from lightning_lora.train import train
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sizes = {"w1": (200, 150), "w2": (160, 120), "w3": (120, 90), "t1": (150, 200), "s": (90, 90)}
+    _folder(folder, sizes)
+    cfg = make_cfg(
+        "trainer.max_epochs=1",
+        "data.bucketing.step=16",
+        "data.batch_size=2",
+        "validation.prompts=[]",
+        image_dir=folder,
+    )
+    result = train(cfg)
+    expected = {"80x48": 3, "48x80": 1, "64x64": 1}
+    assert result.metadata["bucket_info"] == expected
+    summary = json.loads((result.output_dir / "summary.json").read_text())
+    assert summary["metadata"]["bucket_info"] == expected
+    assert result.metrics["steps"] == 4  # 2 + 1 wide, 1 tall, 1 square: ragged, not merged
+    for path in (result.lora.diffusers, result.lora.kohya):
+        with safe_open(str(path), framework="pt") as f:
+            assert json.loads(f.metadata()["ss_bucket_info"]) == expected
