@@ -748,7 +748,9 @@ class StyleDataModule(L.LightningDataModule):
         if disk is not None and fingerprint is None:
             raise ValueError("a disk latent cache needs the encoders' fingerprint")
         latent_keys = (
-            [self._latent_key(i, fingerprint, flip) for i in range(len(self.items))] if disk else []
+            [self._latent_key(i, fingerprint, flip) for i in range(len(self.items))]
+            if disk is not None
+            else []
         )
         todo = [i for i in range(len(self.items)) if disk is None or latent_keys[i] not in disk]
 
