@@ -881,7 +881,7 @@ class StyleDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------ loaders
     def batch_sampler(self) -> BucketBatchSampler:
         """This rank's bucket batches (world size and rank from the trainer, if any)."""
-        trainer = getattr(self, "_trainer", None)
+        trainer = getattr(self, "trainer", None)
         world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
         rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
         return BucketBatchSampler(self.buckets, self.batch_size, self.seed, world, rank)

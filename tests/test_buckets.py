@@ -268,3 +268,25 @@ def test_bucketed_run_records_bucket_info_in_summary_and_lora(make_cfg, tmp_path
     for path in (result.lora.diffusers, result.lora.kohya):
         with safe_open(str(path), framework="pt") as f:
             assert json.loads(f.metadata()["ss_bucket_info"]) == expected
+
+
+def test_datamodule_shards_bucket_batches_by_the_trainer_s_rank(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    sizes = {f"w{i}": (200 + i, 150) for i in range(5)} | {f"s{i}": (90, 90) for i in range(3)}
+    folder = _folder(tmp_path, sizes)
+    per_rank = []
+    for rank in (0, 1):
+        dm = StyleDataModule(str(folder), resolution=64, batch_size=2, bucketing={"step": 16})
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # a simulated DDP world
+        dm.setup("fit")
+        dm.build_cache(_fake_encode, _fake_text, torch.device("cpu"))
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(3)
+        per_rank.append([(b.indices, dm.cache[b]["latent_params"].shape) for b in loader.sampler])
+    assert len(per_rank[0]) == len(per_rank[1]) == 3  # 5 wide: 4 + 1 (padded), 3 square: one
+    for (idx0, shape0), (idx1, shape1) in zip(*per_rank, strict=True):
+        assert shape0[1:] == shape1[1:]  # the same bucket on both ranks at every step
+        assert len(idx0) >= 1 and len(idx1) >= 1
+    covered = {i for batches in per_rank for idx, _ in batches for i in idx}
+    assert covered == set(range(8))

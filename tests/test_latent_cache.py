@@ -126,7 +126,9 @@ def test_keys_follow_the_model_the_file_and_the_bucket(tmp_path: Path) -> None:
 
 def test_a_cache_lists_entries_across_shards(tmp_path: Path) -> None:
     cache = DiskLatentCache(tmp_path)
-    cache.put_many([("k1", {"x": torch.ones(2)}), ("k2", {"x": torch.zeros(3), "y": torch.ones(1)})])
+    cache.put_many(
+        [("k1", {"x": torch.ones(2)}), ("k2", {"x": torch.zeros(3), "y": torch.ones(1)})]
+    )
     cache.put_many([("k3", {"x": torch.full((1,), 7.0)})])
     reopened = DiskLatentCache(tmp_path)
     assert len(reopened) == 3 and "k2" in reopened and "k4" not in reopened
