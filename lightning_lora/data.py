@@ -45,6 +45,7 @@ from lightning_lora.captions import (
 from lightning_lora.errors import DatasetError, InvalidImageError
 from lightning_lora.images import IMAGE_EXTENSIONS  # re-exported: the extensions listed
 from lightning_lora.latent_cache import (
+    ENTRIES_PER_SHARD,
     DiskLatentCache,
     DiskLatentStore,
     MemoryLatentStore,
@@ -740,87 +741,57 @@ class StyleDataModule(L.LightningDataModule):
         if not self.cache_latents or self.cache is not None:
             return
         assert self.images is not None, "setup() must run before build_cache()"
-        images = self.images
         flip = bool(self.hparams.random_flip)
         varying = self.captions.varies
         captions = [item.caption for item in self.items]
         disk = DiskLatentCache(self.cache_dir) if self.cache_dir is not None else None
         if disk is not None and fingerprint is None:
             raise ValueError("a disk latent cache needs the encoders' fingerprint")
-        latent_keys = (
-            [self._latent_key(i, fingerprint, flip) for i in range(len(self.items))]
-            if disk is not None
-            else []
-        )
-        todo = [i for i in range(len(self.items)) if disk is None or latent_keys[i] not in disk]
-
-        def encode(indices: list[int]) -> dict[int, dict[str, torch.Tensor]]:
-            out: dict[int, dict[str, torch.Tensor]] = {}
-            for flipped in (False, True) if flip else (False,):
-                examples = [images.example(i, flipped) for i in indices]
-                pixels = torch.stack([px for px, _ in examples]).to(device)
-                params = encode_images(pixels)
-                suffix = "flipped_" if flipped else ""
-                for row, i in enumerate(indices):
-                    out.setdefault(i, {})[f"{suffix}latent_params"] = params[row]
-                if self.masked_loss:
-                    masks = torch.stack(
-                        [torch.ones_like(px[:1]) if m is None else m for px, m in examples]
-                    )
-                    weights = latent_weights(masks).to(device)
-                    for row, i in enumerate(indices):
-                        out[i][f"{suffix}loss_weights"] = weights[row]
-            return out
-
+        keys = [self._latent_key(i, fingerprint, flip) for i in range(len(self.items))]
+        todo = [i for i in range(len(self.items)) if disk is None or keys[i] not in disk]
         groups: dict[Bucket, list[int]] = {}
         for i in todo:
             groups.setdefault(self.buckets[i], []).append(i)
         encoded: dict[int, dict[str, torch.Tensor]] = {}
         pending: list[tuple[str, dict[str, torch.Tensor]]] = []
-        for indices in groups.values():
+        for indices in groups.values():  # bucket by bucket: one shape per forward pass
             for start in range(0, len(indices), chunk):
-                done = encode(indices[start : start + chunk])
+                done = self._encode_images(indices[start : start + chunk], encode_images, device)
                 if disk is None:
                     encoded.update(done)
-                else:
-                    pending += [(latent_keys[i], t) for i, t in done.items()]
-                    if len(pending) >= 1024:
-                        disk.put_many(pending)
-                        pending = []
+                    continue
+                pending += [(keys[i], tensors) for i, tensors in done.items()]
+                if len(pending) >= ENTRIES_PER_SHARD:  # bounded host memory while encoding
+                    disk.put_many(pending)
+                    pending = []
         if disk is not None and pending:
             disk.put_many(pending)
-
+        store: MemoryLatentStore | DiskLatentStore
         if disk is None:
             text_ids = text_embeds = None
-            if not varying:
+            if not varying:  # one embedding per distinct caption
                 distinct = list(dict.fromkeys(captions))
                 text_embeds = torch.cat(
                     [encode_text(distinct[i : i + chunk]) for i in range(0, len(distinct), chunk)]
                 )
                 row_of = {c: r for r, c in enumerate(distinct)}
                 text_ids = [row_of[c] for c in captions]
-            store: MemoryLatentStore | DiskLatentStore = MemoryLatentStore(
-                encoded, text_ids, text_embeds
-            )
+            store = MemoryLatentStore(encoded, text_ids, text_embeds)
         else:
             text_keys = None
             if not varying:
                 text_keys = [
                     entry_key(kind="text", encoder=fingerprint, caption=c) for c in captions
                 ]
-                missing = list(
-                    dict.fromkeys(
-                        c for c, k in zip(captions, text_keys, strict=True) if k not in disk
-                    )
-                )
+                missing = list(dict.fromkeys(k for k in text_keys if k not in disk))
+                caption_of = dict(zip(text_keys, captions, strict=True))
+                entries = []
                 for start in range(0, len(missing), chunk):
                     part = missing[start : start + chunk]
-                    embeds = encode_text(part)
-                    disk.put_many(
-                        (entry_key(kind="text", encoder=fingerprint, caption=c), {"text_embeds": e})
-                        for c, e in zip(part, embeds, strict=True)
-                    )
-            store = DiskLatentStore(disk, latent_keys, text_keys, device)
+                    embeds = encode_text([caption_of[k] for k in part])
+                    entries += [(k, {"text_embeds": e}) for k, e in zip(part, embeds, strict=True)]
+                disk.put_many(entries)
+            store = DiskLatentStore(disk, keys, text_keys, device)
         self.cache = CachedLatentDataset(
             store, len(self.items), captions if varying else None, self.captions, self.seed
         )
@@ -833,8 +804,35 @@ class StyleDataModule(L.LightningDataModule):
             f" ({len(self.items) - len(todo)} found there)" if disk is not None else "",
         )
 
+    def _encode_images(
+        self,
+        indices: list[int],
+        encode_images: Callable[[torch.Tensor], torch.Tensor],
+        device: torch.device,
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        """Encode images of one bucket (and their mirrors; their mask weights): index -> tensors."""
+        assert self.images is not None
+        out: dict[int, dict[str, torch.Tensor]] = {i: {} for i in indices}
+        for flipped in (False, True) if self.hparams.random_flip else (False,):
+            examples = [self.images.example(i, flipped) for i in indices]
+            params = encode_images(torch.stack([px for px, _ in examples]).to(device))
+            prefix = "flipped_" if flipped else ""
+            for row, i in enumerate(indices):
+                out[i][f"{prefix}latent_params"] = params[row]
+            if self.masked_loss:
+                masks = [torch.ones_like(px[:1]) if m is None else m for px, m in examples]
+                weights = latent_weights(torch.stack(masks)).to(device)
+                for row, i in enumerate(indices):
+                    out[i][f"{prefix}loss_weights"] = weights[row]
+        return out
+
     def _latent_key(self, index: int, fingerprint: str | None, flip: bool) -> str:
-        """The disk-cache key of image ``index``'s latents: model, resolution, bucket, file."""
+        """The disk-cache key of image ``index``'s latents: model, resolution, bucket, file.
+
+        ``""`` without a disk cache (no fingerprint): nothing is hashed then.
+        """
+        if fingerprint is None:
+            return ""
         path = self.items[index].path
         mask = mask_path(path)
         return entry_key(
