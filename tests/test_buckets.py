@@ -117,6 +117,10 @@ def test_datamodule_buckets_and_bucket_info(tmp_path: Path) -> None:
     off = StyleDataModule(str(tmp_path), resolution=128, bucketing={"enabled": False})
     off.setup("fit")
     assert set(off.buckets) == {(128, 128)}  # the old center-cropped square
+    for i, item in enumerate(off.items):
+        assert torch.equal(
+            off.images.pixels(i), preprocess(load_training_image(item.path, 128), 128)
+        )
 
 
 def test_sampler_covers_every_image_once_per_epoch_one_bucket_per_batch() -> None:
