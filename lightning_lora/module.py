@@ -21,6 +21,7 @@ from peft import LoraConfig
 from lightning_lora.compilation import CompileCache, compiled_unet, eager
 from lightning_lora.errors import NonFiniteLossError
 from lightning_lora.lora import inject_lora, lora_parameters
+from lightning_lora.masks import weight_loss
 from lightning_lora.models import SDComponents
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ class LoRAModule(L.LightningModule):
         noise: torch.Tensor,
         timesteps: torch.Tensor,
         compiled: bool = True,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-sample loss of predicting the scheduler's target from noisy latents.
 
@@ -154,6 +156,7 @@ class LoRAModule(L.LightningModule):
             timesteps: ``(B,)`` integer timesteps on the latents' device.
             compiled: Run the UNet through ``torch.compile`` when ``compile_mode`` asks for it
                 (the validation loss runs it eagerly: no extra graph for eval mode and its shapes).
+            weights: ``(B, 1, h, w)`` per-latent-pixel loss weights (masked loss), or ``None``.
 
         Returns:
             ``(B,)`` float32 losses (min-SNR weighted when ``snr_gamma`` is set).
@@ -187,7 +190,8 @@ class LoRAModule(L.LightningModule):
             unet, context_manager = self.unet, eager(self.unet)
         with context_manager:
             pred = unet(noisy, timesteps, context, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+        loss = weight_loss(loss, weights).mean(dim=(1, 2, 3))  # masked loss (masks.py)
         gamma = self.hparams.snr_gamma
         if gamma:
             snr = self.snr(timesteps)
@@ -263,8 +267,11 @@ class LoRAModule(L.LightningModule):
 
     def batch_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent distribution parameters and text context of a cached or uncached batch."""
-        if "latent_params" in batch:
-            return batch["latent_params"], batch["text_embeds"]
+        if "latent_params" in batch:  # captions that vary per epoch are encoded per step
+            context = batch.get("text_embeds")
+            if context is None:
+                context = self.encode_text(batch["captions"])
+            return batch["latent_params"], context
         return self.encode_images(batch["pixel_values"]), self.encode_text(batch["captions"])
 
     def training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -285,7 +292,8 @@ class LoRAModule(L.LightningModule):
         if p > 0:
             drop = torch.rand(bsz, device=latents.device) < p
             context = torch.where(drop[:, None, None], self.empty_embed().to(context), context)
-        return self.diffusion_loss(latents, context, noise, timesteps).mean()
+        weights = batch.get("loss_weights")
+        return self.diffusion_loss(latents, context, noise, timesteps, weights=weights).mean()
 
     def empty_embed(self) -> torch.Tensor:
         """Text context of the empty caption (used for caption dropout)."""

@@ -283,6 +283,8 @@ def train(
         "num_epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "resolution": datamodule.resolution,
+        # images per aspect-ratio bucket, as kohya records it (ss_bucket_info in the LoRA files)
+        "bucket_info": datamodule.bucket_info(),
         "num_train_images": datamodule.num_images,
         "dataset_hash": datamodule.dataset_hash(),
         "learning_rate": float(cfg.module.optimizer.lr),
