@@ -1,347 +1,86 @@
-"""The style dataset: an image folder with optional captions, preprocessing and latent caching."""
+"""The style dataset: an image folder with captions, aspect-ratio buckets, masks and latent caching.
+
+Images are grouped into aspect-ratio buckets (:mod:`lightning_lora.buckets`), captions come from
+caption files, ``metadata.jsonl`` or the template (:mod:`lightning_lora.captions`), masks weight
+the loss (:mod:`lightning_lora.masks`), and the encoded latents live on the device or in a disk
+cache (:mod:`lightning_lora.latent_cache`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import logging
-import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import lightning as L
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_lora.errors import DatasetError, InvalidImageError
+from lightning_lora.buckets import (
+    Bucket,
+    BucketBatchSampler,
+    BucketSettings,
+    assign_bucket,
+    bucket_info,
+    bucket_table,
+    make_buckets,
+)
+from lightning_lora.captions import (
+    CaptionSettings,
+)
+from lightning_lora.datasets import (
+    Batch,
+    CachedLatentDataset,
+    StyleImageDataset,
+    collate_identity,
+    collate_images,
+    plain_settings,
+)
+from lightning_lora.errors import DatasetError
+from lightning_lora.image_folder import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    StyleImage,
+    find_style_images,
+    image_size,
+    load_rgb,
+    load_training_image,
+    preprocess,
+    training_size,
+)
 from lightning_lora.images import IMAGE_EXTENSIONS  # re-exported: the extensions listed
+from lightning_lora.latent_cache import (
+    ENTRIES_PER_SHARD,
+    DiskLatentCache,
+    DiskLatentStore,
+    MemoryLatentStore,
+    entry_key,
+    file_sha256,
+    module_fingerprint,
+)
+from lightning_lora.masks import latent_weights, mask_path
+
+__all__ = [  # the data path's public names, importable from here
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "Batch",
+    "CachedLatentDataset",
+    "Encoders",
+    "StyleDataModule",
+    "StyleImage",
+    "StyleImageDataset",
+    "collate_images",
+    "find_style_images",
+    "image_size",
+    "load_rgb",
+    "load_training_image",
+    "preprocess",
+    "training_size",
+]
 
 log = logging.getLogger(__name__)
-
-#: Pillow's own bomb guard stays on; this is our (lower or equal) limit, checked before decoding.
-DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
-#: A batch of latent-distribution parameters and text embeddings (cached path) or of pixels and
-#: captions (uncached path).
-Batch = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class StyleImage:
-    """One training example on disk.
-
-    Attributes:
-        path: The image file.
-        caption: Its caption (from ``<stem>.txt`` or the template).
-    """
-
-    path: Path
-    caption: str
-
-
-def find_style_images(
-    image_dir: str | Path, caption_template: str, token: str, caption_extension: str = ".txt"
-) -> list[StyleImage]:
-    """List the images of a style folder with their captions.
-
-    Args:
-        image_dir: Folder holding the images (not searched recursively).
-        caption_template: Caption for images without a caption file; ``{token}`` is replaced.
-        token: The style token substituted into the template.
-        caption_extension: Extension of same-stem caption files.
-
-    Returns:
-        The examples sorted by file name.
-
-    Raises:
-        DatasetError: The folder is missing, holds no supported image, or a caption file is
-            unreadable.
-    """
-    folder = Path(image_dir)
-    if not folder.is_dir():
-        raise DatasetError(f"image folder {folder} does not exist or is not a folder")
-    items: list[StyleImage] = []
-    skipped: list[str] = []
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.suffix == caption_extension or path.name.startswith("."):
-            continue
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            skipped.append(path.name)
-            continue
-        caption_file = path.with_suffix(caption_extension)
-        if caption_file.exists():
-            try:
-                caption = caption_file.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise DatasetError(f"caption file {caption_file} is unreadable: {exc}") from exc
-        else:
-            caption = caption_template.format(token=token)
-        items.append(StyleImage(path, caption))
-    if skipped:
-        log.warning(
-            "ignoring %d file(s) of unsupported type in %s (supported: %s): %s",
-            len(skipped),
-            folder,
-            ", ".join(IMAGE_EXTENSIONS),
-            ", ".join(skipped[:10]),
-        )
-    if not items:
-        supported = ", ".join(IMAGE_EXTENSIONS)
-        found = f" (found only unsupported files: {', '.join(skipped[:10])})" if skipped else ""
-        raise DatasetError(f"no training images in {folder}: expected {supported} files{found}")
-    return items
-
-
-def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open an image safely: size check before decoding, EXIF orientation, RGB on white.
-
-    Args:
-        path: The image file.
-        max_pixels: Largest accepted width x height.
-
-    Returns:
-        A fully decoded RGB image.
-
-    Raises:
-        InvalidImageError: Naming the file, when it is empty, not an image, truncated or corrupt,
-            of an unsupported format, or larger than ``max_pixels``.
-    """
-    return _decode(path, max_pixels)
-
-
-def load_training_image(
-    path: Path, resolution: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-) -> Image.Image:
-    """Open an image like :func:`load_rgb` and keep only its training-size copy.
-
-    The image is decoded, EXIF-transposed, converted to RGB and resized (shorter side to
-    ``resolution``, :func:`training_size`, BICUBIC) in one call, and the full-size decode is
-    released before this returns, so memory grows with ``resolution``, not with the upload.
-    :func:`preprocess` of the result equals :func:`preprocess` of :func:`load_rgb`'s image
-    bit for bit (the same resize, done earlier; ``preprocess`` then has nothing to resize).
-
-    Args:
-        path: The image file.
-        resolution: Training resolution in pixels.
-        max_pixels: Largest accepted width x height.
-
-    Returns:
-        An RGB image whose shorter side is ``resolution``.
-
-    Raises:
-        InvalidImageError: As :func:`load_rgb`.
-    """
-    return _decode(path, max_pixels, resolution)
-
-
-def training_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """Return the size :func:`preprocess` resizes a ``width`` x ``height`` image to.
-
-    Args:
-        width: Image width.
-        height: Image height.
-        resolution: Training resolution: the shorter side after resizing.
-
-    Returns:
-        ``(new_width, new_height)``, each at least ``resolution``.
-    """
-    scale = resolution / min(width, height)
-    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
-
-
-def _decode(path: Path, max_pixels: int, resolution: int | None = None) -> Image.Image:
-    """Check, decode, transpose and convert an image; resize it when ``resolution`` is given.
-
-    Only one full-size copy of the pixels exists at a time when the file is RGB already (two
-    while converting other modes); the file's own image is closed before returning.
-    """
-    try:
-        if path.stat().st_size == 0:
-            raise InvalidImageError(f"image {path} is empty (0 bytes)")
-        with Image.open(path) as probe:
-            fmt = probe.format
-            width, height = probe.size
-            if width * height > max_pixels:
-                raise InvalidImageError(
-                    f"image {path} is {width}x{height} = {width * height} pixels, above the "
-                    f"limit of {max_pixels} (data.max_image_pixels)"
-                )
-            if fmt not in {"JPEG", "PNG", "WEBP", "MPO"}:
-                raise InvalidImageError(
-                    f"image {path} is a {fmt} file; supported formats are JPEG, PNG and WEBP"
-                )
-            probe.verify()
-        with Image.open(path) as img:
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)
-            if resolution is None:
-                return _to_rgb(img)  # always a new image: ``img`` is unusable once closed
-            rgb = img if img.mode == "RGB" else _to_rgb(img)
-            return rgb.resize(training_size(*rgb.size, resolution), Image.Resampling.BICUBIC)
-    except InvalidImageError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise InvalidImageError(
-            f"image {path} is too large (decompression bomb guard): {exc}"
-        ) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidImageError(f"image {path} is unreadable, truncated or corrupt: {exc}") from exc
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any mode to RGB (always a new image); transparent pixels are put on white."""
-    if img.mode in {"I;16", "I;16B", "I;16L", "I"}:
-        img = img.point(lambda v: v * (1 / 256)).convert("L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in {"RGBA", "LA", "PA"}:
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        background.alpha_composite(img.convert("RGBA"))
-        return background.convert("RGB")
-    return img.convert("RGB")
-
-
-def preprocess(
-    img: Image.Image,
-    resolution: int,
-    random_crop: bool = False,
-    flip: bool = False,
-    rng: random.Random | None = None,
-) -> torch.Tensor:
-    """Resize the shorter side to ``resolution``, crop square, optionally flip, scale to [-1, 1].
-
-    Args:
-        img: An RGB image.
-        resolution: Output side length in pixels.
-        random_crop: Crop at a random position instead of the center.
-        flip: Mirror horizontally.
-        rng: Random source for the crop position.
-
-    Returns:
-        A ``(3, resolution, resolution)`` float tensor in [-1, 1].
-    """
-    new_w, new_h = training_size(*img.size, resolution)
-    if img.size != (new_w, new_h):  # images from load_training_image are at this size already
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    if random_crop:
-        rng = rng or random
-        left, top = rng.randint(0, new_w - resolution), rng.randint(0, new_h - resolution)
-    else:
-        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        img = ImageOps.mirror(img)
-    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    pixels = data.view(resolution, resolution, 3).permute(2, 0, 1).float()
-    return pixels / 127.5 - 1.0
-
-
-class StyleImageDataset(Dataset):
-    """Decoded, preprocessed training images with captions (the uncached path)."""
-
-    def __init__(
-        self,
-        items: Sequence[StyleImage],
-        resolution: int,
-        random_crop: bool = False,
-        random_flip: bool = False,
-        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    ) -> None:
-        """Decode and check every image once, so a bad file fails before training.
-
-        Images are decoded one at a time and only their training-size copies are kept
-        (:func:`load_training_image`), so memory grows with ``resolution`` and the number of
-        images, not with the uploads' pixel counts.
-
-        Args:
-            items: The examples.
-            resolution: Output side length.
-            random_crop: Random instead of center crops.
-            random_flip: Random horizontal flips (probability 0.5).
-            max_pixels: Largest accepted image.
-        """
-        self.items = list(items)
-        self.resolution = resolution
-        self.random_crop = random_crop
-        self.random_flip = random_flip
-        #: The RGB images resized so the shorter side is ``resolution`` (not full size).
-        self.images = [
-            load_training_image(item.path, resolution, max_pixels) for item in self.items
-        ]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def pixels(self, index: int, flip: bool = False) -> torch.Tensor:
-        """Return image ``index`` center-cropped (deterministic), optionally flipped."""
-        return preprocess(self.images[index], self.resolution, flip=flip)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        flip = self.random_flip and random.random() < 0.5
-        pixels = preprocess(self.images[index], self.resolution, self.random_crop, flip)
-        return {"pixel_values": pixels, "caption": self.items[index].caption}
-
-
-class CachedLatentDataset(Dataset):
-    """Pre-encoded latent distributions and text embeddings, kept on the training device.
-
-    Batches are assembled with one indexing operation per tensor (``__getitems__``), without
-    dataloader workers or per-sample collation.
-    """
-
-    def __init__(
-        self,
-        latent_params: torch.Tensor,
-        text_embeds: torch.Tensor,
-        flipped_latent_params: torch.Tensor | None = None,
-    ) -> None:
-        """Wrap the cache.
-
-        Args:
-            latent_params: ``(N, 2*C, h, w)`` VAE latent distribution parameters (mean, logvar).
-            text_embeds: ``(N, L, D)`` text encoder hidden states of the captions.
-            flipped_latent_params: The same for mirrored images; when given, each sample draws
-                the mirrored version with probability 0.5.
-        """
-        self.latent_params = latent_params
-        self.text_embeds = text_embeds
-        self.flipped_latent_params = flipped_latent_params
-
-    def __len__(self) -> int:
-        return self.latent_params.shape[0]
-
-    def __getitems__(self, indices: list[int]) -> Batch:
-        device = self.latent_params.device
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        if device.type == "cuda":
-            # A plain host-to-device copy waits for the device's queue (a sync every step); from
-            # pinned memory it is asynchronous and the host runs ahead.
-            idx = idx.pin_memory().to(device, non_blocking=True)
-        else:
-            idx = idx.to(device)
-        params = self.latent_params.index_select(0, idx)
-        if self.flipped_latent_params is not None:
-            flip = torch.rand(len(indices), device=idx.device) < 0.5
-            flipped = self.flipped_latent_params.index_select(0, idx)
-            params = torch.where(flip[:, None, None, None], flipped, params)
-        return {"latent_params": params, "text_embeds": self.text_embeds.index_select(0, idx)}
-
-    def __getitem__(self, index: int) -> Batch:
-        return {k: v[0] for k, v in self.__getitems__([index]).items()}
-
-
-def _collate_identity(batch: Batch) -> Batch:
-    """Collate for :class:`CachedLatentDataset`, whose ``__getitems__`` returns a whole batch."""
-    return batch
-
-
-def _collate_images(samples: list[dict[str, Any]]) -> Batch:
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-        "captions": [s["caption"] for s in samples],
-    }
 
 
 class Encoders(Protocol):
@@ -359,7 +98,7 @@ class Encoders(Protocol):
 
 
 class StyleDataModule(L.LightningDataModule):
-    """Serves a style's images and captions, encoded once up front when ``cache_latents``."""
+    """Serves a style's images and captions in aspect-ratio buckets, encoded once when cached."""
 
     def __init__(
         self,
@@ -368,7 +107,6 @@ class StyleDataModule(L.LightningDataModule):
         batch_size: int = 4,
         token: str = "sks",
         caption_template: str = "an artwork in the style of {token}",
-        caption_extension: str = ".txt",
         caption_dropout: float = 0.0,
         random_crop: bool = False,
         random_flip: bool = False,
@@ -376,24 +114,37 @@ class StyleDataModule(L.LightningDataModule):
         num_workers: int = 0,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         val_max_images: int = 8,
+        bucketing: Mapping[str, Any] | BucketSettings | None = None,
+        caption: Mapping[str, Any] | CaptionSettings | None = None,
+        masked_loss: bool = False,
+        cache: Mapping[str, Any] | None = None,
+        seed: int = 0,
     ) -> None:
         """Configure the data.
 
         Args:
-            image_dir: Folder of images (jpg, jpeg, png, webp) and optional ``<stem>.txt``.
-            resolution: Training resolution in pixels (multiple of 8).
-            batch_size: Samples per step.
+            image_dir: Folder of images (jpg, jpeg, png, webp), optional ``<stem>.txt``
+                captions, ``metadata.jsonl`` and ``<stem>.mask.png`` masks.
+            resolution: Training resolution in pixels (multiple of 8): buckets have about its
+                square's area.
+            batch_size: Samples per step (and per rank).
             token: Style token substituted into ``caption_template``.
-            caption_template: Caption for images without a caption file.
-            caption_extension: Extension of caption files.
+            caption_template: Caption for images without a caption file or sidecar entry.
             caption_dropout: Probability of training a sample with an empty caption (applied by
                 the LightningModule, so the cached and uncached paths agree).
             random_crop: Random crops (incompatible with ``cache_latents``).
             random_flip: Random horizontal flips (with caching, both orientations are cached).
-            cache_latents: Encode images and captions once before training.
+            cache_latents: Encode images (and fixed captions) once before training.
             num_workers: DataLoader workers for the uncached path.
             max_image_pixels: Largest accepted image (width x height).
             val_max_images: How many images the deterministic validation loss uses.
+            bucketing: ``data.bucketing`` (:class:`~lightning_lora.buckets.BucketSettings`);
+                ``None``: on, with the defaults.
+            caption: ``data.caption`` (:class:`~lightning_lora.captions.CaptionSettings`).
+            masked_loss: Weight the loss by each image's mask (:mod:`lightning_lora.masks`).
+            cache: ``data.cache``: ``dir``, the disk latent cache folder (``None``: keep the
+                cache on the training device).
+            seed: Seed of the bucket and caption shuffles (the run's ``seed``).
         """
         super().__init__()
         if resolution % 8:
@@ -405,6 +156,11 @@ class StyleDataModule(L.LightningDataModule):
                 "data.random_crop=true cannot be combined with data.cache_latents=true (a cached "
                 "latent has one fixed crop); set data.cache_latents=false or data.random_crop=false"
             )
+        # plain dicts: the hparams go into checkpoints, which load with weights_only=True (an
+        # OmegaConf DictConfig from the config, or a dataclass, would not)
+        bucketing = plain_settings(bucketing)
+        caption = plain_settings(caption)
+        cache = plain_settings(cache)
         self.save_hyperparameters(logger=False)
         self.image_dir = image_dir
         self.resolution = resolution
@@ -412,27 +168,78 @@ class StyleDataModule(L.LightningDataModule):
         self.caption_dropout = caption_dropout
         self.cache_latents = cache_latents
         self.num_workers = num_workers
+        self.seed = int(seed)
+        self.bucketing = BucketSettings.from_config(bucketing)
+        self.bucketing.grid(resolution)  # checks the settings now
+        self.captions = CaptionSettings.from_config(caption)
+        self.masked_loss = masked_loss
+        cache_dir = (cache or {}).get("dir")
+        self.cache_dir = Path(str(cache_dir)).expanduser() if cache_dir else None
         self.items: list[StyleImage] = []
+        #: Each image's bucket ``(width, height)``.
+        self.buckets: list[Bucket] = []
         self.images: StyleImageDataset | None = None
         self.cache: CachedLatentDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        """Find, decode and check the images (idempotent)."""
+        """Find the images, read their sizes, assign buckets, decode and check (idempotent).
+
+        With the disk cache nothing is decoded here: images are decoded when they are encoded,
+        and an image whose latents are cached already is not decoded at all.
+        """
         if self.images is not None:
             return
         hp = self.hparams
         self.items = find_style_images(
-            self.image_dir, hp.caption_template, hp.token, hp.caption_extension
+            self.image_dir,
+            hp.caption_template,
+            hp.token,
+            self.captions.caption_ext,
+            self.captions.trigger,
+        )
+        self.buckets = self.assign_buckets(
+            [image_size(i.path, hp.max_image_pixels) for i in self.items]
         )
         self.images = StyleImageDataset(
-            self.items, self.resolution, hp.random_crop, hp.random_flip, hp.max_image_pixels
+            self.items,
+            self.buckets,
+            hp.random_crop,
+            hp.random_flip,
+            hp.max_image_pixels,
+            masked_loss=self.masked_loss,
+            preload=not (self.cache_latents and self.cache_dir is not None),
+            captions=self.captions,
+            seed=self.seed,
         )
-        log.info("%d training images from %s", len(self.items), self.image_dir)
+        log.info(
+            "%d training images from %s in %d bucket(s):\n%s",
+            len(self.items),
+            self.image_dir,
+            len(set(self.buckets)),
+            bucket_table(self.buckets),
+        )
+
+    def assign_buckets(self, sizes: Sequence[tuple[int, int]]) -> list[Bucket]:
+        """Each image's bucket from its oriented ``(width, height)``.
+
+        Bucketing off, every image gets the ``resolution`` square (the old center crop).
+        """
+        square = (self.resolution, self.resolution)
+        if not self.bucketing.enabled:
+            return [square] * len(sizes)
+        step, lo, hi = self.bucketing.grid(self.resolution)
+        candidates = make_buckets(self.resolution, step, lo, hi)
+        no_upscale = self.bucketing.no_upscale
+        return [assign_bucket(w, h, candidates, no_upscale, step) for w, h in sizes]
 
     @property
     def num_images(self) -> int:
         """Number of training images (after :meth:`setup`)."""
         return len(self.items)
+
+    def bucket_info(self) -> dict[str, int]:
+        """Images per bucket, ``{"576x448": 7, ...}`` (``bucket_info`` / ``ss_bucket_info``)."""
+        return bucket_info(self.buckets)
 
     def dataset_hash(self) -> str:
         """SHA-256 over the training set's file contents and captions (for LoRA metadata)."""
@@ -443,6 +250,7 @@ class StyleDataModule(L.LightningDataModule):
             digest.update(item.caption.encode())
         return digest.hexdigest()
 
+    # ------------------------------------------------------------------------------ cache
     @torch.no_grad()
     def build_cache(
         self,
@@ -450,38 +258,130 @@ class StyleDataModule(L.LightningDataModule):
         encode_text: Callable[[list[str]], torch.Tensor],
         device: torch.device,
         chunk: int = 8,
+        fingerprint: str | None = None,
     ) -> None:
-        """Encode every image (and its mirror when flipping) and caption once.
+        """Encode every image (and its mirror when flipping) and fixed caption once.
+
+        Images are encoded bucket by bucket, ``chunk`` at a time. With ``data.cache.dir`` the
+        results go to the disk cache and only images missing from it are decoded and encoded.
 
         Args:
             encode_images: Pixels ``(B, 3, H, W)`` in [-1, 1] -> latent distribution parameters.
             encode_text: Captions -> text encoder hidden states.
-            device: Where to run the encoders and keep the cache.
+            device: Where to run the encoders and keep the (device) cache.
             chunk: Images encoded per forward pass.
+            fingerprint: Identifies the encoders in disk-cache keys (required with a disk cache;
+                :meth:`use_encoders` derives it from the module's VAE and text encoder).
         """
         if not self.cache_latents or self.cache is not None:
             return
         assert self.images is not None, "setup() must run before build_cache()"
-        n = len(self.images)
-
-        def encode_all(flip: bool) -> torch.Tensor:
-            out = []
-            for start in range(0, n, chunk):
-                idx = range(start, min(n, start + chunk))
-                pixels = torch.stack([self.images.pixels(i, flip) for i in idx]).to(device)
-                out.append(encode_images(pixels))
-            return torch.cat(out)
-
-        latents = encode_all(False)
-        flipped = encode_all(True) if self.hparams.random_flip else None
+        flip = bool(self.hparams.random_flip)
+        # a text encoder that trains (its LoRA) encodes captions every step, too
+        varying = self.captions.varies or bool(
+            getattr(getattr(self, "_encoders", None), "trains_text_encoder", False)
+        )
         captions = [item.caption for item in self.items]
-        embeds = torch.cat([encode_text(captions[i : i + chunk]) for i in range(0, n, chunk)])
-        self.cache = CachedLatentDataset(latents, embeds, flipped)
+        disk = DiskLatentCache(self.cache_dir) if self.cache_dir is not None else None
+        if disk is not None and fingerprint is None:
+            raise ValueError("a disk latent cache needs the encoders' fingerprint")
+        keys = [self._latent_key(i, fingerprint, flip) for i in range(len(self.items))]
+        todo = [i for i in range(len(self.items)) if disk is None or keys[i] not in disk]
+        groups: dict[Bucket, list[int]] = {}
+        for i in todo:
+            groups.setdefault(self.buckets[i], []).append(i)
+        encoded: dict[int, dict[str, torch.Tensor]] = {}
+        pending: list[tuple[str, dict[str, torch.Tensor]]] = []
+        for indices in groups.values():  # bucket by bucket: one shape per forward pass
+            for start in range(0, len(indices), chunk):
+                done = self._encode_images(indices[start : start + chunk], encode_images, device)
+                if disk is None:
+                    encoded.update(done)
+                    continue
+                pending += [(keys[i], tensors) for i, tensors in done.items()]
+                if len(pending) >= ENTRIES_PER_SHARD:  # bounded host memory while encoding
+                    disk.put_many(pending)
+                    pending = []
+        if disk is not None and pending:
+            disk.put_many(pending)
+        store: MemoryLatentStore | DiskLatentStore
+        if disk is None:
+            text_ids = text_embeds = None
+            if not varying:  # one embedding per distinct caption
+                distinct = list(dict.fromkeys(captions))
+                text_embeds = torch.cat(
+                    [encode_text(distinct[i : i + chunk]) for i in range(0, len(distinct), chunk)]
+                )
+                row_of = {c: r for r, c in enumerate(distinct)}
+                text_ids = [row_of[c] for c in captions]
+            store = MemoryLatentStore(encoded, text_ids, text_embeds)
+        else:
+            text_keys = None
+            if not varying:
+                text_keys = [
+                    entry_key(kind="text", encoder=fingerprint, caption=c) for c in captions
+                ]
+                missing = list(dict.fromkeys(k for k in text_keys if k not in disk))
+                caption_of = dict(zip(text_keys, captions, strict=True))
+                entries = []
+                for start in range(0, len(missing), chunk):
+                    part = missing[start : start + chunk]
+                    embeds = encode_text([caption_of[k] for k in part])
+                    entries += [(k, {"text_embeds": e}) for k, e in zip(part, embeds, strict=True)]
+                disk.put_many(entries)
+            store = DiskLatentStore(disk, keys, text_keys, device)
+        self.cache = CachedLatentDataset(
+            store, len(self.items), captions if varying else None, self.captions, self.seed
+        )
         log.info(
-            "cached %d latents%s and text embeddings on %s",
-            n,
-            " (and mirrored)" if flipped is not None else "",
-            device,
+            "cached %d latents%s%s on %s%s",
+            len(self.items),
+            " (and mirrored)" if flip else "",
+            "" if varying else " and text embeddings",
+            device if disk is None else disk.folder,
+            f" ({len(self.items) - len(todo)} found there)" if disk is not None else "",
+        )
+
+    def _encode_images(
+        self,
+        indices: list[int],
+        encode_images: Callable[[torch.Tensor], torch.Tensor],
+        device: torch.device,
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        """Encode images of one bucket (and their mirrors; their mask weights): index -> tensors."""
+        assert self.images is not None
+        out: dict[int, dict[str, torch.Tensor]] = {i: {} for i in indices}
+        for flipped in (False, True) if self.hparams.random_flip else (False,):
+            examples = [self.images.example(i, flipped) for i in indices]
+            params = encode_images(torch.stack([px for px, _ in examples]).to(device))
+            prefix = "flipped_" if flipped else ""
+            for row, i in enumerate(indices):
+                out[i][f"{prefix}latent_params"] = params[row]
+            if self.masked_loss:
+                masks = [torch.ones_like(px[:1]) if m is None else m for px, m in examples]
+                weights = latent_weights(torch.stack(masks)).to(device)
+                for row, i in enumerate(indices):
+                    out[i][f"{prefix}loss_weights"] = weights[row]
+        return out
+
+    def _latent_key(self, index: int, fingerprint: str | None, flip: bool) -> str:
+        """The disk-cache key of image ``index``'s latents: model, resolution, bucket, file.
+
+        ``""`` without a disk cache (no fingerprint): nothing is hashed then.
+        """
+        if fingerprint is None:
+            return ""
+        path = self.items[index].path
+        mask = mask_path(path)
+        return entry_key(
+            kind="latents",
+            encoder=fingerprint,
+            resolution=self.resolution,
+            bucket=list(self.buckets[index]),
+            file=file_sha256(path),
+            flip=flip,
+            masked=self.masked_loss,
+            mask=file_sha256(mask) if self.masked_loss and mask.is_file() else None,
         )
 
     def use_encoders(self, encoders: Encoders) -> None:
@@ -501,29 +401,63 @@ class StyleDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         plugin = getattr(trainer, "precision_plugin", None)
         context = plugin.forward_context() if plugin is not None else contextlib.nullcontext()
+        fingerprint = None
+        if self.cache_dir is not None:
+            vae = getattr(encoders, "vae", None)
+            text = getattr(encoders, "text_encoder", None)
+            fingerprint = f"{module_fingerprint(vae)}-{module_fingerprint(text)}"
         with context:  # the training step's autocast state
-            self.build_cache(encoders.encode_images, encoders.encode_text, encoders.device)
+            self.build_cache(
+                encoders.encode_images,
+                encoders.encode_text,
+                encoders.device,
+                fingerprint=fingerprint,
+            )
+
+    # ------------------------------------------------------------------------------ loaders
+    def batch_sampler(self) -> BucketBatchSampler:
+        """This rank's bucket batches (world size and rank from the trainer, if any)."""
+        trainer = getattr(self, "trainer", None)
+        world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+        rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
+        return BucketBatchSampler(self.buckets, self.batch_size, self.seed, world, rank)
 
     def train_dataloader(self) -> DataLoader:
-        """Batches from the latent cache (built on first use), otherwise decoded images."""
+        """Bucketed batches from the latent cache (built on first use), else decoded images."""
         if self.cache_latents:
             self._ensure_cache()
-            return DataLoader(
-                self.cache, batch_size=self.batch_size, shuffle=True, collate_fn=_collate_identity
-            )
-        assert self.images is not None
+            dataset: Dataset = self.cache
+            workers = 0
+        else:
+            assert self.images is not None
+            dataset, workers = self.images, self.num_workers
         return DataLoader(
-            self.images,
-            batch_size=self.batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            collate_fn=_collate_images,
-            persistent_workers=self.num_workers > 0,
+            dataset,
+            batch_size=None,  # the sampler yields whole batches (BatchRequest), one bucket each
+            sampler=self.batch_sampler(),
+            num_workers=workers,
+            collate_fn=collate_identity,
+            persistent_workers=workers > 0,
         )
 
     def validation_examples(self) -> tuple[torch.Tensor, list[str]]:
-        """Fixed pixels (center crop, unflipped) and captions for the deterministic val loss."""
+        """Fixed pixels and captions for the deterministic validation loss.
+
+        The validation batch is the first ``val_max_images`` images center-cropped to the
+        ``resolution`` square, unflipped, with their base captions: one fixed batch whatever the
+        buckets, so ``val/loss`` is comparable across runs with and without bucketing, and the
+        eager validation pass needs one shape only.
+        """
         assert self.images is not None
-        count = min(len(self.images), self.hparams.val_max_images)
-        pixels = torch.stack([self.images.pixels(i) for i in range(count)])
+        count = min(len(self.items), self.hparams.val_max_images)
+        square = self.resolution
+        pixels = torch.stack(
+            [
+                preprocess(
+                    load_training_image(self.items[i].path, square, self.hparams.max_image_pixels),
+                    square,
+                )
+                for i in range(count)
+            ]
+        )
         return pixels, [self.items[i].caption for i in range(count)]

@@ -26,6 +26,7 @@ from lightning_lora.errors import InvalidMessageError
 __all__ = [
     "MAX_KEY_BYTES",
     "MAX_S3_URL_LENGTH",
+    "MAX_STYLE_ID",
     "OUTBOX_PREFIX",
     "bucket_problem",
     "check_run_id",
@@ -42,10 +43,13 @@ __all__ = [
     "run_id_for",
     "s3_url_problem",
     "shown",
+    "style_id_problem",
     "validate_key",
 ]
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,80}")
+MAX_STYLE_ID = 2**63 - 1
+"""Largest ``style_id``: the backend's key is a signed 64-bit integer."""
 MAX_KEY_BYTES = 1024
 MAX_S3_URL_LENGTH = 1100
 """``s3://`` + a bucket (at most 63 chars) + ``/`` + a key (at most 1024 bytes in S3)."""
@@ -56,15 +60,35 @@ OUTBOX_PREFIX = "outbox/"
 _JOBS_FOLDER = "_jobs"
 
 
+def style_id_problem(style_id: object) -> str | None:
+    """Why ``style_id`` is not a style id, or ``None`` when it is one.
+
+    A style id is the backend's database key: an ``int`` (not a ``bool``) in
+    ``1..MAX_STYLE_ID``. The job schema, the webhook payloads and every S3 key use this one rule.
+    """
+    if isinstance(style_id, bool) or not isinstance(style_id, int):
+        return f"must be an int, got {type(style_id).__name__}"
+    if not 0 < style_id <= MAX_STYLE_ID:
+        return f"must be in 1..{MAX_STYLE_ID}"
+    return None
+
+
 def check_style_id(style_id: object) -> int:
-    """Return ``style_id`` if it is a non-negative int (not a bool).
+    """Return ``style_id`` if it is a style id (see :func:`style_id_problem`).
 
     Raises:
-        ValueError: Otherwise.
+        TypeError: It is not an int.
+        ValueError: It is out of range.
     """
-    if isinstance(style_id, bool) or not isinstance(style_id, int) or style_id < 0:
-        raise ValueError(f"style_id must be a non-negative int, got {style_id!r}")
-    return style_id
+    problem = style_id_problem(style_id)
+    if problem is not None:
+        error = (
+            ValueError
+            if isinstance(style_id, int) and not isinstance(style_id, bool)
+            else TypeError
+        )
+        raise error(f"style_id {problem}")
+    return style_id  # type: ignore[return-value]
 
 
 def check_run_id(run_id: str) -> str:

@@ -6,12 +6,10 @@ import contextlib
 import inspect
 import logging
 import numbers
-import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import cast_training_params
@@ -21,10 +19,12 @@ from peft import LoraConfig
 from lightning_lora.compilation import CompileCache, compiled_unet, eager
 from lightning_lora.ema import LoraEMA
 from lightning_lora.errors import NonFiniteLossError
+from lightning_lora.eval_weights import EvalWeightsMixin
 from lightning_lora.lora import inject_lora, lora_parameters
 from lightning_lora.losses import elementwise_loss, timestep_weights
+from lightning_lora.masks import weight_loss
 from lightning_lora.models import SDComponents
-from lightning_lora.optimizers import restore_train_mode, set_train_mode
+from lightning_lora.rng import restore_rng_state_tensors, rng_state_tensors
 from lightning_lora.text_encoder import inject_text_encoder_lora
 from lightning_lora.timesteps import check_sampling, sample_timesteps
 
@@ -37,7 +37,7 @@ SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 VAL_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
-class LoRAModule(L.LightningModule):
+class LoRAModule(EvalWeightsMixin, L.LightningModule):
     """Trains a LoRA adapter of the SD1.5 UNet; VAE, text encoder and UNet base stay frozen.
 
     Checkpoints hold only the LoRA weights (plus optimizer, scheduler, loop and RNG state), so they
@@ -203,6 +203,7 @@ class LoRAModule(L.LightningModule):
         noise: torch.Tensor,
         timesteps: torch.Tensor,
         compiled: bool = True,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-sample loss of predicting the scheduler's target from noisy latents.
 
@@ -213,6 +214,7 @@ class LoRAModule(L.LightningModule):
             timesteps: ``(B,)`` integer timesteps on the latents' device.
             compiled: Run the UNet through ``torch.compile`` when ``compile_mode`` asks for it
                 (the validation loss runs it eagerly: no extra graph for eval mode and its shapes).
+            weights: ``(B, 1, h, w)`` per-latent-pixel loss weights (masked loss), or ``None``.
 
         Returns:
             ``(B,)`` float32 losses (``module.loss``; weighted by min-SNR and/or debiased
@@ -248,7 +250,8 @@ class LoRAModule(L.LightningModule):
         with context_manager:
             pred = unet(noisy, timesteps, context, return_dict=False)[0]
         hp = self.hparams
-        loss = elementwise_loss(pred, target, hp.loss, hp.huber_c).mean(dim=(1, 2, 3))
+        loss = elementwise_loss(pred, target, hp.loss, hp.huber_c)  # losses.py
+        loss = weight_loss(loss, weights).mean(dim=(1, 2, 3))  # masked loss (masks.py)
         if hp.snr_gamma or hp.debiased_estimation:
             snr = self.snr(timesteps)
             loss = loss * timestep_weights(
@@ -322,12 +325,14 @@ class LoRAModule(L.LightningModule):
 
     def batch_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent distribution parameters and text context of a cached or uncached batch."""
-        if "latent_params" in batch:
-            return batch["latent_params"], batch["text_embeds"]
-        captions = batch["captions"]
-        if self.trains_text_encoder:
-            return self.encode_images(batch["pixel_values"]), self.text_context(captions)
-        return self.encode_images(batch["pixel_values"]), self.encode_text(captions)
+        # a training text encoder encodes with gradients, always per step
+        encode = self.text_context if self.trains_text_encoder else self.encode_text
+        if "latent_params" in batch:  # captions that vary per epoch are encoded per step
+            context = batch.get("text_embeds")
+            if context is None:
+                context = encode(batch["captions"])
+            return batch["latent_params"], context
+        return self.encode_images(batch["pixel_values"]), encode(batch["captions"])
 
     def training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The diffusers recipe's training loss for one batch (draws latents, noise, timesteps)."""
@@ -355,7 +360,8 @@ class LoRAModule(L.LightningModule):
         if p > 0:
             drop = torch.rand(bsz, device=latents.device) < p
             context = torch.where(drop[:, None, None], self.empty_embed().to(context), context)
-        return self.diffusion_loss(latents, context, noise, timesteps).mean()
+        weights = batch.get("loss_weights")
+        return self.diffusion_loss(latents, context, noise, timesteps, weights=weights).mean()
 
     def empty_embed(self) -> torch.Tensor:
         """Text context of the empty caption (used for caption dropout)."""
@@ -455,38 +461,6 @@ class LoRAModule(L.LightningModule):
             self.text_encoder.train(was_training[1])
         return torch.cat(losses).mean()
 
-    # ----------------------------------------------------------------------------- eval weights
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The LoRA parameters: the UNet's, then the text encoder's (when it trains)."""
-        params = lora_parameters(self.unet)
-        if self.trains_text_encoder:
-            params += lora_parameters(self.text_encoder)
-        return params
-
-    @contextlib.contextmanager
-    def evaluation_weights(self) -> Iterator[None]:
-        """The weights to validate and export: the EMA's and/or schedule-free's averaged ones.
-
-        Without an EMA and with an ordinary optimizer this changes nothing. Afterwards the
-        training weights and optimizer modes are back exactly as they were.
-        """
-        trainer = self._trainer
-        optimizers = list(trainer.optimizers) if trainer is not None else []
-        before = set_train_mode(optimizers, train=False)
-        try:
-            with self.ema.averaged() if self.ema is not None else contextlib.nullcontext():
-                yield
-        finally:
-            restore_train_mode(optimizers, before)
-
-    def on_train_epoch_start(self) -> None:
-        set_train_mode(self.trainer.optimizers, train=True)  # schedule-free: train weights
-
-    def on_train_epoch_end(self) -> None:
-        # schedule-free: the epoch-end checkpoint (saved after this hook) and the export after
-        # the last epoch hold the averaged weights; the next epoch switches back
-        set_train_mode(self.trainer.optimizers, train=False)
-
     # ----------------------------------------------------------------------------- hooks
     def setup(self, stage: str) -> None:
         """Hand the frozen encoders to the datamodule, which caches latents with them."""
@@ -497,7 +471,7 @@ class LoRAModule(L.LightningModule):
     def on_fit_start(self) -> None:
         """Precision fix-up, the EMA, the validation inputs, device-side noise tables."""
         cast_training_params([self.unet, self.text_encoder], dtype=torch.float32)
-        self._start_ema()
+        self.start_ema()
         if self.hparams.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self.prepare_validation_inputs()
@@ -505,20 +479,6 @@ class LoRAModule(L.LightningModule):
             # noise tables on the device, built in the training step's autocast state
             for dtype in {torch.float32, self.vae.dtype}:
                 self.noise_tables(self.device, dtype)
-
-    def _start_ema(self) -> None:
-        settings = self.hparams.get("ema") or {}
-        if not settings.get("enabled", False):
-            return
-        self.ema = LoraEMA(
-            self.trainable_parameters(),
-            decay=float(settings.get("decay", 0.999)),
-            every_n_steps=int(settings.get("every_n_steps", 1)),
-            device=settings.get("device"),
-        )
-        if self._ema_state is not None:  # resuming: the checkpoint's averages
-            self.ema.load_state_dict(self._ema_state)
-            self._ema_state = None
 
     def prepare_validation_inputs(self) -> None:
         """Encode the datamodule's fixed validation examples once, on the training device."""
@@ -593,8 +553,7 @@ class LoRAModule(L.LightningModule):
             "alpha": self.lora_config.lora_alpha,
             "target_modules": sorted(self.lora_config.target_modules),
         }
-        if self.ema is not None:
-            checkpoint["ema"] = self.ema.state_dict()
+        self.save_ema_state(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("lora_config")
@@ -608,45 +567,4 @@ class LoRAModule(L.LightningModule):
             )
         if "rng_states" in checkpoint:
             restore_rng_state_tensors(checkpoint["rng_states"])
-        self._ema_state = checkpoint.get("ema")  # loaded into the EMA at fit start
-        if self._ema_state is None and (self.hparams.get("ema") or {}).get("enabled", False):
-            log.warning("the checkpoint has no EMA state: the EMA restarts from its weights")
-
-
-def rng_state_tensors() -> dict[str, Any]:
-    """The global RNG states of torch, CUDA, numpy and Python as tensors and ints.
-
-    Only tensors and plain numbers, so a checkpoint loads with ``torch.load(weights_only=True)``
-    (Lightning's default), also when it was fetched from object storage.
-    """
-    np_state = np.random.get_state()
-    py_version, py_internal, _ = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "numpy_has_gauss": int(np_state[3]),
-        "numpy_cached_gaussian": float(np_state[4]),
-        "python_version": int(py_version),
-        "python_internal": torch.tensor(py_internal, dtype=torch.int64),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state_tensors(state: dict[str, Any]) -> None:
-    """Inverse of :func:`rng_state_tensors`."""
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(
-        (
-            "MT19937",
-            state["numpy_keys"].numpy().astype(np.uint32),
-            state["numpy_pos"],
-            state["numpy_has_gauss"],
-            state["numpy_cached_gaussian"],
-        )
-    )
-    random.setstate((state["python_version"], tuple(state["python_internal"].tolist()), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        self.load_ema_state(checkpoint)

@@ -292,12 +292,8 @@ def train(
     dtype = frozen_weight_dtype(str(trainer.precision), trainer.strategy.root_device.type)
     components = instantiate(cfg.model, torch_dtype=dtype)
     lora, text_encoder_lora, text_encoder_lr = build_lora_configs(cfg.lora)
-    data_overrides = {}
-    if text_encoder_lora is not None and cfg.data.get("cache_latents", False):
-        # the cached text embeddings would be of the untrained encoder: encode every step
-        log.info("lora.text_encoder.enabled: captions (and images) are encoded every step")
-        data_overrides["cache_latents"] = False
-    datamodule = instantiate(cfg.data, **data_overrides)
+    # with lora.text_encoder.enabled, latents stay cached but captions are encoded every step
+    datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module, _partial_=True)(
         components=components,
         lora=lora,
@@ -332,6 +328,8 @@ def train(
         "num_epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "resolution": datamodule.resolution,
+        # images per aspect-ratio bucket, as kohya records it (ss_bucket_info in the LoRA files)
+        "bucket_info": datamodule.bucket_info(),
         "num_train_images": datamodule.num_images,
         "dataset_hash": datamodule.dataset_hash(),
         "learning_rate": float(cfg.module.optimizer.lr),

@@ -236,3 +236,29 @@ def test_enqueue_cli_validates_then_publishes(
     properties, body = fetched
     assert properties.message_id == message_id
     assert json.loads(body) == {**JOB, "num_epochs": 3, "style_token": "a b"}
+
+
+def test_broker_settings_are_checked_with_the_worker_settings_in_one_pass() -> None:
+    from lightning_lora.worker.settings import SettingsError, load_settings
+
+    env = {
+        "RABBITMQ_PORT": "70000",
+        "RABBITMQ_QUEUE_TYPE": "stream",
+        "RABBITMQ_PASSWORD": "hunter2-broker",
+    }
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"webhook_allowlist": []}, env)
+    message = str(caught.value)
+    for name in ("INTERNAL_API_TOKEN", "WEBHOOK_ALLOWLIST", "RABBITMQ_PORT", "RABBITMQ_QUEUE_TYPE"):
+        assert name in message
+    assert "70000" not in message and "stream'" not in message and "hunter2" not in message
+
+    env = {"INTERNAL_API_TOKEN": "tok", "RABBITMQ_URL": "amqp://bob:hunter2-url@mq:5679/v"}
+    settings = load_settings({"webhook_allowlist": ["backend"]}, env)
+    assert (settings.broker.host, settings.broker.port, settings.broker.user) == ("mq", 5679, "bob")
+    assert "hunter2-url" in settings.secrets()  # the password, registered for redaction
+    shown = repr(settings) + str(settings.public())
+    assert "hunter2" not in shown and "amqp://bob@mq:5679/v" in shown
+    assert settings.broker.replace(delivery_limit=7).delivery_limit == 7
+    with pytest.raises(ValueError):
+        settings.broker.replace(delivery_limit=0)  # copies are validated too

@@ -166,8 +166,9 @@ def test_cache_holds_both_orientations_when_flipping(tmp_path: Path) -> None:
         encode_text=lambda caps: torch.zeros(len(caps), 3, 2),
         device=torch.device("cpu"),
     )
-    assert dm.cache is not None and dm.cache.flipped_latent_params is not None
-    torch.testing.assert_close(dm.cache.flipped_latent_params, dm.cache.latent_params.flip(-1))
+    assert dm.cache is not None
+    (tensors,) = dm.cache.store.tensors.values()  # one bucket: 64x64
+    torch.testing.assert_close(tensors["flipped_latent_params"], tensors["latent_params"].flip(-1))
     seen = {bool(dm.cache[0]["latent_params"][0, 0, 0] > 0) for _ in range(40)}
     assert seen == {True, False}  # both orientations are served
 

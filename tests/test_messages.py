@@ -206,3 +206,41 @@ def test_message_urls_follow_the_same_rules_as_downloads(url: str) -> None:
         parse_job(_body(image_urls=[url]))
     with pytest.raises(InvalidMessageError, match="invalid S3 URL"):
         parse_s3_url(url)
+
+
+@pytest.mark.parametrize(
+    ("style_id", "valid"),
+    [
+        (1, True),
+        (2**63 - 1, True),
+        (0, False),
+        (-1, False),
+        (2**63, False),
+        (True, False),
+        (4.0, False),
+        ("7", False),
+    ],
+)
+def test_one_style_id_rule_for_the_schema_the_payloads_and_the_keys(
+    style_id: object, valid: bool
+) -> None:
+    from lightning_lora.clients.webhook_payloads import complete_payload, failed_payload
+    from lightning_lora.layout import model_key, outbox_key
+
+    metadata = {"training_epochs": 1, "lora_rank": 16, "lora_alpha": 32}
+    checks = {
+        "schema": lambda: parse_job(_body(style_id=style_id)),
+        "complete": lambda: complete_payload(style_id, "s3://b/k", metadata),
+        "failed": lambda: failed_payload(style_id, "boom", "TRAINING_FAILED"),
+        "model key": lambda: model_key(style_id),
+        "outbox key": lambda: outbox_key(style_id, "run-1"),
+    }
+    outcomes = {}
+    for name, check in checks.items():
+        try:
+            check()
+            outcomes[name] = True
+        except (TypeError, ValueError, InvalidMessageError):
+            outcomes[name] = False
+    outcomes["peek"] = peek_identity(_body(style_id=style_id))[0] is not None
+    assert outcomes == dict.fromkeys(outcomes, valid)

@@ -732,3 +732,14 @@ def test_layout_section_matches_the_tree() -> None:
     assert not missing, f"the layout section omits the config groups {missing}"
     missing = sorted(p.name for p in configs.glob("*.yaml") if p.name not in sections["configs"])
     assert not missing, f"the layout section omits {missing}"
+
+
+def test_no_package_module_is_over_600_lines() -> None:
+    """Files cut by concern (issue 15): a module over 600 lines holds more than one."""
+    root = Path(__file__).resolve().parents[1] / "lightning_lora"
+    long = {
+        str(path.relative_to(root)): n
+        for path in root.rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > 600
+    }
+    assert not long

@@ -125,7 +125,7 @@ def test_non_finite_loss_stops_training_without_writing_a_lora(make_cfg, tmp_pat
 
 
 def test_cached_and_uncached_losses_are_identical(make_cfg) -> None:
-    from lightning_lora.data import _collate_images
+    from lightning_lora.data import collate_images
 
     cfg = make_cfg("data.caption_dropout=0.3")
     components = instantiate(cfg.model)
@@ -140,7 +140,7 @@ def test_cached_and_uncached_losses_are_identical(make_cfg) -> None:
     dm.setup("fit")
     dm.build_cache(module.encode_images, module.encode_text, torch.device("cpu"))
     cached = dm.cache.__getitems__([0, 1, 2, 3])
-    uncached = _collate_images([dm.images[i] for i in range(4)])
+    uncached = collate_images([dm.images[i] for i in range(4)])
 
     def loss(batch, seed: int) -> torch.Tensor:
         torch.manual_seed(seed)

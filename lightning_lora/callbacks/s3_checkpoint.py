@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from lightning_lora.background import LatestOnlyWorker
 from lightning_lora.clients.storage import S3Storage, checkpoint_prefix
 from lightning_lora.redaction import redact
 
@@ -170,70 +170,6 @@ def find_resume_checkpoint(
     return None
 
 
-class _LatestOnlyUploader:
-    """A background thread uploading checkpoints; only the newest waiting one is kept."""
-
-    def __init__(self, callback: S3CheckpointCallback) -> None:
-        self._callback = callback
-        self._cond = threading.Condition()
-        self._pending: tuple[Path, str] | None = None
-        self._busy = False
-        self._closed = False
-        self._thread = threading.Thread(
-            target=self._run, name=f"s3-checkpoints-style-{callback.style_id}", daemon=True
-        )
-        self._thread.start()
-
-    def submit(self, path: Path, key: str) -> None:
-        with self._cond:
-            if self._closed:
-                log.warning("checkpoint uploader closed: %s not uploaded", path.name)
-                return
-            if self._pending is not None:
-                dropped = self._pending[0]
-                log.info("checkpoint %s superseded by %s before upload", dropped.name, path.name)
-                self._callback.superseded += 1
-                dropped.unlink(missing_ok=True)
-            self._pending = (path, key)
-            self._cond.notify_all()
-
-    def busy(self) -> bool:
-        with self._cond:
-            return self._busy or self._pending is not None
-
-    def close(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` for pending uploads, then stop; return whether all finished."""
-        with self._cond:
-            idle = self._cond.wait_for(
-                lambda: not self._busy and self._pending is None, timeout=timeout_s
-            )
-            self._closed = True
-            if self._pending is not None:
-                log.warning("checkpoint %s not uploaded: time is up", self._pending[0].name)
-                self._pending = None
-            self._cond.notify_all()
-        if not idle:
-            log.warning("a checkpoint upload still runs after %.0fs; not waiting", timeout_s)
-        return idle
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._closed or self._pending is not None)
-                if self._pending is None:
-                    return
-                job, self._pending = self._pending, None
-                self._busy = True
-            try:
-                self._callback._upload(*job)
-            except Exception as exc:  # _upload logs its own failures; this is a last resort
-                log.warning("checkpoint upload failed unexpectedly: %s", redact(repr(exc)))
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
-
-
 class S3CheckpointCallback(L.Callback):
     """Saves a LoRA-only checkpoint every N epochs and uploads it to S3 in the background.
 
@@ -280,7 +216,7 @@ class S3CheckpointCallback(L.Callback):
         self.uploaded: list[str] = []
         self.failed = 0
         self.superseded = 0
-        self._uploader: _LatestOnlyUploader | None = None
+        self._uploader: LatestOnlyWorker[tuple[Path, str]] | None = None
         self._last_step: int | None = None
 
     def __repr__(self) -> str:
@@ -320,8 +256,21 @@ class S3CheckpointCallback(L.Callback):
             return
         log.debug("checkpoint %s written in %.2fs", name, time.perf_counter() - started)
         if self._uploader is None:
-            self._uploader = _LatestOnlyUploader(self)
-        self._uploader.submit(path, self.prefix + name)
+            self._uploader = LatestOnlyWorker(
+                lambda job: self._upload(*job),
+                f"s3-checkpoints-style-{self.style_id}",
+                drain_on_close=False,
+                on_error=lambda exc: log.warning(  # _upload logs its own; this is a last resort
+                    "checkpoint upload failed unexpectedly: %s", redact(repr(exc))
+                ),
+            )
+        accepted, dropped = self._uploader.offer_latest((path, self.prefix + name))
+        if not accepted:
+            log.warning("checkpoint uploader closed: %s not uploaded", path.name)
+        elif dropped is not None:
+            log.info("checkpoint %s superseded by %s before upload", dropped[0].name, path.name)
+            self.superseded += 1
+            dropped[0].unlink(missing_ok=True)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -348,7 +297,13 @@ class S3CheckpointCallback(L.Callback):
         uploader, self._uploader = self._uploader, None
         if uploader is None:
             return True
-        return uploader.close(self.final_wait_s if timeout_s is None else timeout_s)
+        timeout = self.final_wait_s if timeout_s is None else timeout_s
+        idle, dropped = uploader.close(timeout)
+        for path, _ in dropped:
+            log.warning("checkpoint %s not uploaded: time is up", path.name)
+        if not idle:
+            log.warning("a checkpoint upload still runs after %.0fs; not waiting", timeout)
+        return idle
 
     _finish = wait
 

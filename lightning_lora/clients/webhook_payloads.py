@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from lightning_lora.layout import check_style_id
 from lightning_lora.redaction import MASK, redact
 
 __all__ = [
@@ -36,12 +37,6 @@ FAILED_PATH = "/api/webhooks/training/failed"
 MAX_ERROR_MESSAGE_CHARS = 2000
 REQUIRED_METADATA_KEYS = ("training_epochs", "lora_rank", "lora_alpha")
 _TRUNCATION_MARK = "... [truncated]"
-
-
-def _check_style_id(style_id: int) -> int:
-    if isinstance(style_id, bool) or not isinstance(style_id, int):
-        raise TypeError(f"style_id must be an int, got {type(style_id).__name__}")
-    return style_id
 
 
 def _jsonable(value: Any) -> Any:
@@ -83,7 +78,7 @@ def progress_payload(
         ``{"style_id": ..., "progress": {...}}`` with integer fields.
     """
     return {
-        "style_id": _check_style_id(style_id),
+        "style_id": check_style_id(style_id),
         "progress": {
             "current_epoch": max(0, int(current_epoch)),
             "total_epochs": max(0, int(total_epochs)),
@@ -113,7 +108,7 @@ def complete_payload(style_id: int, model_url: str, metadata: Mapping[str, Any])
     if missing:
         logger.warning("completion metadata for style %s lacks %s", style_id, ", ".join(missing))
     return {
-        "style_id": _check_style_id(style_id),
+        "style_id": check_style_id(style_id),
         "model_url": model_url,
         "metadata": _jsonable(dict(metadata)),
     }
@@ -147,7 +142,7 @@ def failed_payload(
         if secret:
             message = message.replace(secret, MASK)
     return {
-        "style_id": _check_style_id(style_id),
+        "style_id": check_style_id(style_id),
         "error_message": truncate(redact(message)),
         "error_code": str(error_code) or "TRAINING_FAILED",
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import threading
@@ -10,6 +9,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Self
 
+from lightning_lora.background import LatestOnlyWorker
 from lightning_lora.clients.webhook_client import WebhookClient, new_event_id
 from lightning_lora.clients.webhook_payloads import (
     COMPLETE_PATH,
@@ -59,7 +59,9 @@ class WebhookSender:
 
     Progress reports are coalesced: only the latest one not yet sent is kept. Completion and
     failure reports are queued and sent in order, each after any progress posted before it, and
-    are never replaced. All methods are thread-safe.
+    are never replaced; they are still sent after :meth:`close` times out. The thread and both
+    rules are :class:`~lightning_lora.background.LatestOnlyWorker`'s. All methods are
+    thread-safe.
 
     Args:
         client: The client that makes the calls.
@@ -68,17 +70,14 @@ class WebhookSender:
 
     def __init__(self, client: WebhookClient, name: str = "webhook-sender") -> None:
         self.client = client
-        self._cond = threading.Condition()
-        self._queue: collections.deque[_Job] = collections.deque()
-        self._pending_progress: _Job | None = None
-        self._busy = False
-        self._closed = False
+        self._lock = threading.Lock()
         self._stats = SenderStats()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._worker: LatestOnlyWorker[_Job] = LatestOnlyWorker(
+            self._send, name, drain_on_close=True
+        )
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(client={self.client!r}, closed={self._closed})"
+        return f"{type(self).__name__}(client={self.client!r}, closed={self._worker.closed})"
 
     def __enter__(self) -> Self:
         return self
@@ -89,13 +88,13 @@ class WebhookSender:
     @property
     def stats(self) -> SenderStats:
         """A snapshot of the counters."""
-        with self._cond:
+        with self._lock:
             return dataclasses.replace(self._stats)
 
     @property
     def is_alive(self) -> bool:
         """Whether the background thread is running."""
-        return self._thread.is_alive()
+        return self._worker.is_alive
 
     # ----------------------------------------------------------------- posting
 
@@ -119,16 +118,15 @@ class WebhookSender:
         except Exception as exc:
             logger.warning("progress report ignored: %s", redact(repr(exc)))
             return False
-        job = _Job("progress", "PATCH", PROGRESS_PATH, payload)
-        with self._cond:
-            if self._closed:
+        accepted, replaced = self._worker.offer_latest(
+            _Job("progress", "PATCH", PROGRESS_PATH, payload)
+        )
+        with self._lock:
+            if not accepted:
                 self._stats.rejected_after_close += 1
                 return False
-            if self._pending_progress is not None:
-                self._stats.progress_replaced += 1
-            self._pending_progress = job
+            self._stats.progress_replaced += replaced is not None
             self._stats.progress_posted += 1
-            self._cond.notify_all()
         return True
 
     def post_complete(self, style_id: int, model_url: str, metadata: Mapping[str, Any]) -> bool:
@@ -156,27 +154,21 @@ class WebhookSender:
         return self._post_reliable(_Job("failed", "POST", FAILED_PATH, payload))
 
     def _post_reliable(self, job: _Job) -> bool:
-        with self._cond:
-            if self._closed:
+        accepted = self._worker.put(job)  # an unsent progress report goes ahead of it
+        with self._lock:
+            if not accepted:
                 self._stats.rejected_after_close += 1
-                logger.error(
-                    "webhook sender closed: %s report for style %s not sent",
-                    job.kind,
-                    job.payload["style_id"],
-                )
-                return False
-            if self._pending_progress is not None:  # keep order: earlier progress goes first
-                self._queue.append(self._pending_progress)
-                self._pending_progress = None
-            self._queue.append(job)
-            self._stats.reliable_posted += 1
-            self._cond.notify_all()
-        return True
+            else:
+                self._stats.reliable_posted += 1
+        if not accepted:
+            logger.error(
+                "webhook sender closed: %s report for style %s not sent",
+                job.kind,
+                job.payload["style_id"],
+            )
+        return accepted
 
     # ----------------------------------------------------------------- flushing
-
-    def _idle(self) -> bool:
-        return not self._queue and self._pending_progress is None and not self._busy
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until everything posted so far has been sent or given up.
@@ -187,8 +179,7 @@ class WebhookSender:
         Returns:
             Whether the sender became idle in time.
         """
-        with self._cond:
-            return self._cond.wait_for(self._idle, timeout=timeout_s)
+        return self._worker.flush(timeout_s)
 
     def close(self, timeout_s: float | None = 30.0) -> bool:
         """Flush, then stop the thread; later posts are rejected.
@@ -200,57 +191,33 @@ class WebhookSender:
             Whether everything was sent (or given up) and the thread stopped in time.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        flushed = self.flush(timeout_s)
-        with self._cond:
-            self._closed = True
-            unsent = len(self._queue) + (self._pending_progress is not None)
-            self._cond.notify_all()
+        unsent = self._worker.waiting()
+        flushed, _ = self._worker.close(timeout_s)
         if not flushed:
-            logger.error("webhook sender closed with %d report(s) still unsent", unsent)
-        if self._thread is not threading.current_thread():
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self._thread.join(remaining)
-        return flushed and not self._thread.is_alive()
+            logger.error(
+                "webhook sender closed with %d report(s) still unsent",
+                max(unsent, self._worker.waiting()),
+            )
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self._worker.join(remaining) and flushed
 
     # ----------------------------------------------------------------- thread
 
-    def _next_job(self) -> _Job | None:
-        """Block until a job is due (``None`` when closed and nothing is due)."""
-        with self._cond:
-            self._cond.wait_for(
-                lambda: self._closed or self._queue or self._pending_progress is not None
+    def _send(self, job: _Job) -> None:
+        ok = False
+        try:
+            ok = self.client.send(
+                job.method,
+                job.path,
+                job.payload,
+                retry=job.reliable,
+                event_id=job.event_id,
+                timestamp=job.timestamp,
             )
-            if self._queue:
-                job = self._queue.popleft()
-            elif self._pending_progress is not None:
-                job, self._pending_progress = self._pending_progress, None
-            else:
-                return None
-            self._busy = True
-            return job
-
-    def _run(self) -> None:
-        while True:
-            job = self._next_job()
-            if job is None:
-                return
-            ok = False
-            try:
-                ok = self.client.send(
-                    job.method,
-                    job.path,
-                    job.payload,
-                    retry=job.reliable,
-                    event_id=job.event_id,
-                    timestamp=job.timestamp,
-                )
-            except Exception as exc:
-                logger.error("webhook %s failed unexpectedly: %s", job.kind, redact(repr(exc)))
-            finally:
-                with self._cond:
-                    self._count(job, ok)
-                    self._busy = False
-                    self._cond.notify_all()
+        except Exception as exc:
+            logger.error("webhook %s failed unexpectedly: %s", job.kind, redact(repr(exc)))
+        with self._lock:
+            self._count(job, ok)
 
     def _count(self, job: _Job, ok: bool) -> None:
         if job.reliable:

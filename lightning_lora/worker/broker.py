@@ -18,26 +18,22 @@ then declare it with those arguments.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import BasicProperties
-from pydantic import SecretStr
+
+from lightning_lora.worker.settings import BrokerSettings
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_QUEUE = "model_training"
 _TOPOLOGY_REPLY_CODES = (405, 406)  # RESOURCE_LOCKED, PRECONDITION_FAILED
 
 
@@ -47,197 +43,6 @@ class TopologyError(RuntimeError):
 
 class PublishError(RuntimeError):
     """The broker did not confirm a published message (nack) or could not route it."""
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
-
-
-@dataclass(frozen=True)
-class BrokerSettings:
-    """How to reach RabbitMQ and which queues to use.
-
-    Read them from the environment with :meth:`from_env`. The password (and the URL, which may
-    contain it) never appears in ``repr`` or in logs; use :meth:`describe` for a safe summary.
-
-    Note:
-        There is no consumer-timeout setting: RabbitMQ 3.10 ignores the per-queue
-        ``x-consumer-timeout`` argument; configure the broker-wide ``consumer_timeout`` instead
-        (see the module docstring).
-
-    Attributes:
-        host: Broker host (``RABBITMQ_HOST``, default ``localhost``).
-        port: Broker port (``RABBITMQ_PORT``, default 5672).
-        user: User name (``RABBITMQ_USER``, default ``guest``).
-        password: Password (``RABBITMQ_PASSWORD``, default ``guest``); never logged.
-        vhost: Virtual host (``RABBITMQ_VHOST``, default ``/``).
-        url: Full ``amqp://`` / ``amqps://`` URL (``RABBITMQ_URL``); when set it wins over the
-            discrete fields for connecting (TLS options included). Never logged.
-        heartbeat: Heartbeat interval in seconds (``RABBITMQ_HEARTBEAT``, default 60).
-        queue: Work queue (``RABBITMQ_QUEUE``, default ``model_training``).
-        dead_letter_queue: Dead-letter queue (``RABBITMQ_DLQ``, default ``<queue>.dlq``).
-        delivery_limit: Attempts after which a job is poison (``RABBITMQ_DELIVERY_LIMIT``,
-            default 3): counted in the job's S3 lease (crashes), or the quorum queue's
-            ``x-delivery-count``; also the quorum queue's ``x-delivery-limit``.
-        queue_type: ``classic`` (default: declared exactly as the backend does) or ``quorum``
-            (``RABBITMQ_QUEUE_TYPE``).
-        connection_name: ``connection_name`` client property shown by the broker
-            (``RABBITMQ_CONNECTION_NAME``, default ``lightning_lora-worker``).
-        blocked_connection_timeout: Seconds a connection blocked by a broker alarm may wait.
-        reconnect_initial_delay: First reconnect delay in seconds (before jitter).
-        reconnect_max_delay: Upper bound of the reconnect delay in seconds.
-    """
-
-    host: str = "localhost"
-    port: int = 5672
-    user: str = "guest"
-    password: SecretStr = field(default=SecretStr("guest"), repr=False)
-    vhost: str = "/"
-    url: str | None = field(default=None, repr=False)
-    heartbeat: int = 60
-    queue: str = DEFAULT_QUEUE
-    dead_letter_queue: str | None = None
-    delivery_limit: int = 3
-    queue_type: str = "classic"
-    connection_name: str = "lightning_lora-worker"
-    blocked_connection_timeout: float = 300.0
-    reconnect_initial_delay: float = 1.0
-    reconnect_max_delay: float = 30.0
-
-    def __post_init__(self) -> None:
-        """Validate the values.
-
-        Raises:
-            ValueError: If a value is out of range.
-        """
-        if isinstance(self.password, str):  # a plain string given: keep it as a secret
-            object.__setattr__(self, "password", SecretStr(self.password))
-        if not self.queue or len(self.queue.encode()) > 255:
-            raise ValueError("queue name must be 1..255 bytes")
-        if self.delivery_limit < 1:
-            raise ValueError("RABBITMQ_DELIVERY_LIMIT must be at least 1")
-        if self.queue_type not in ("classic", "quorum"):
-            raise ValueError(
-                f"RABBITMQ_QUEUE_TYPE must be 'classic' or 'quorum', got {self.queue_type!r}"
-            )
-        if self.heartbeat < 0:
-            raise ValueError("heartbeat must be >= 0")
-        if not 0 < self.port < 65536:
-            raise ValueError("port must be in 1..65535")
-        if self.reconnect_initial_delay <= 0 or self.reconnect_max_delay <= 0:
-            raise ValueError("reconnect delays must be > 0")
-
-    @property
-    def dlq(self) -> str:
-        """The dead-letter queue name (``<queue>.dlq`` unless set)."""
-        return self.dead_letter_queue or f"{self.queue}.dlq"
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> BrokerSettings:
-        """Build settings from environment variables.
-
-        Args:
-            env: Variables to read; defaults to ``os.environ``.
-            **overrides: Field values that win over the environment.
-
-        Returns:
-            The settings.
-
-        Raises:
-            ValueError: If a numeric variable is not an integer or a value is out of range.
-        """
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {
-            "host": env.get("RABBITMQ_HOST") or "localhost",
-            "port": _env_int(env, "RABBITMQ_PORT", 5672),
-            "user": env.get("RABBITMQ_USER") or "guest",
-            "password": env.get("RABBITMQ_PASSWORD") or "guest",
-            "vhost": env.get("RABBITMQ_VHOST") or "/",
-            "heartbeat": _env_int(env, "RABBITMQ_HEARTBEAT", 60),
-            "queue": env.get("RABBITMQ_QUEUE") or DEFAULT_QUEUE,
-            "dead_letter_queue": env.get("RABBITMQ_DLQ") or None,
-            "delivery_limit": _env_int(env, "RABBITMQ_DELIVERY_LIMIT", 3),
-            "queue_type": (env.get("RABBITMQ_QUEUE_TYPE") or "classic").strip().lower(),
-            "connection_name": env.get("RABBITMQ_CONNECTION_NAME") or "lightning_lora-worker",
-        }
-        url = env.get("RABBITMQ_URL")
-        if url:
-            values.update(_fields_from_url(url))
-            values["url"] = url
-            if env.get("RABBITMQ_HEARTBEAT"):
-                values["heartbeat"] = _env_int(env, "RABBITMQ_HEARTBEAT", 60)
-        values.update(overrides)
-        if isinstance(values.get("password"), str):
-            values["password"] = SecretStr(values["password"])
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> BrokerSettings:
-        """Return a copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
-
-    def connection_parameters(
-        self, connection_name: str | None = None
-    ) -> pika.ConnectionParameters:
-        """Build pika connection parameters.
-
-        Args:
-            connection_name: ``connection_name`` client property; defaults to
-                :attr:`connection_name`.
-
-        Returns:
-            Parameters with our heartbeat, timeouts and client properties.
-        """
-        name = connection_name or self.connection_name
-        params: pika.ConnectionParameters
-        if self.url:
-            params = pika.URLParameters(self.url)
-        else:
-            params = pika.ConnectionParameters(
-                host=self.host,
-                port=self.port,
-                virtual_host=self.vhost,
-                credentials=pika.PlainCredentials(self.user, self.password.get_secret_value()),
-            )
-        params.heartbeat = self.heartbeat
-        params.blocked_connection_timeout = self.blocked_connection_timeout
-        params.connection_attempts = 1
-        params.client_properties = {"connection_name": name, "product": "lightning_lora"}
-        return params
-
-    def describe(self) -> str:
-        """A log-safe description of the broker endpoint (no password)."""
-        scheme = "amqps" if (self.url or "").startswith("amqps://") else "amqp"
-        vhost = quote(self.vhost, safe="")
-        return f"{scheme}://{self.user}@{self.host}:{self.port}/{vhost} queue={self.queue!r}"
-
-
-def _fields_from_url(url: str) -> dict[str, Any]:
-    """Host, port, user, password, vhost and heartbeat of an AMQP URL (via pika)."""
-    try:
-        params = pika.URLParameters(url)
-    except Exception as exc:  # pika raises several types for bad URLs
-        raise ValueError(f"RABBITMQ_URL is not a valid AMQP URL ({type(exc).__name__})") from None
-    fields: dict[str, Any] = {
-        "host": params.host,
-        "port": params.port,
-        "vhost": params.virtual_host,
-    }
-    credentials = params.credentials
-    if isinstance(credentials, pika.PlainCredentials):
-        fields["user"] = credentials.username
-        fields["password"] = credentials.password
-    if isinstance(params.heartbeat, int):
-        fields["heartbeat"] = params.heartbeat
-    return fields
 
 
 # --------------------------------------------------------------------------- topology

@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from lightning_lora.kohya import DORA_NOT_IN_KOHYA
     from lightning_lora.worker.app import TrainingWorker, split_config
-    from lightning_lora.worker.broker import BrokerSettings, publish_dead_letter
+    from lightning_lora.worker.broker import publish_dead_letter
     from lightning_lora.worker.jobdirs import remove_stale_job_dirs
     from lightning_lora.worker.logs import configure_logging
     from lightning_lora.worker.settings import SettingsError, load_settings
@@ -133,12 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_SETTINGS
     try:
         settings = load_settings(section)
-        broker = BrokerSettings.from_env()
         configure_logging(args.log_level, settings.log_format)
     except (SettingsError, ValueError) as exc:
         print(f"lightning-lora-worker: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
-    for secret in (*settings.secrets(), broker.password.get_secret_value()):
+    broker = settings.broker
+    for secret in settings.secrets():
         register_secret(secret)
     logging.getLogger("pika").setLevel(logging.WARNING)
     if args.check:

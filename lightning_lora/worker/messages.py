@@ -40,14 +40,12 @@ from pydantic import (
 )
 
 from lightning_lora.errors import InvalidMessageError
-from lightning_lora.layout import s3_url_problem
+from lightning_lora.layout import check_style_id, s3_url_problem, style_id_problem
 
 DEFAULT_MAX_IMAGES = 100
 """Default maximum number of ``image_urls`` in one job (see :func:`parse_job`)."""
 DEFAULT_MAX_BODY_BYTES = 1_000_000
 """Default maximum size of a message body in bytes."""
-MAX_STYLE_ID = 2**63 - 1
-"""Largest accepted ``style_id`` (a signed 64-bit database key)."""
 MAX_WEBHOOK_URL_LENGTH = 2048
 MAX_CAPTION_LENGTH = 2000
 MAX_CAPTION_KEY_LENGTH = 1024
@@ -182,7 +180,7 @@ class TrainingJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    style_id: Annotated[StrictInt, Field(gt=0, le=MAX_STYLE_ID)]
+    style_id: Annotated[StrictInt, AfterValidator(check_style_id)]
     image_urls: Annotated[list[S3Url], Field(min_length=1)]
     webhook_url: WebhookUrl
     num_epochs: Annotated[StrictInt, Field(ge=1, le=10_000)] | None = None
@@ -379,7 +377,7 @@ def peek_identity(body: bytes) -> tuple[int | None, str | None]:
     if not isinstance(data, dict):
         return None, None
     style_id = data.get("style_id")
-    if type(style_id) is not int or not 0 < style_id <= MAX_STYLE_ID:
+    if style_id_problem(style_id) is not None:
         style_id = None
     webhook_url = data.get("webhook_url")
     if isinstance(webhook_url, str):

@@ -9,8 +9,13 @@ config's instead of replacing them. Lists from the environment
 Every value is checked before the worker consumes anything; a bad one stops the worker with a
 message naming the setting (:func:`load_settings`).
 
-Secrets (``INTERNAL_API_TOKEN``, ``WEBHOOK_SIGNING_SECRET``) are :class:`pydantic.SecretStr`:
-they never appear in ``repr``, ``model_dump`` or logs, and are registered for redaction.
+:class:`BrokerSettings` (how to reach RabbitMQ, from the ``RABBITMQ_*`` variables) is a pydantic
+model of the same kind, held by :class:`WorkerSettings` as ``broker`` and checked in the same
+pass, so one :class:`SettingsError` names every bad setting of either.
+
+Secrets (``INTERNAL_API_TOKEN``, ``WEBHOOK_SIGNING_SECRET``, ``RABBITMQ_PASSWORD``,
+``RABBITMQ_URL``) are :class:`pydantic.SecretStr` or kept out of ``repr``: they never appear in
+``repr``, ``model_dump`` or logs, and are registered for redaction.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
+import pika
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -28,11 +35,14 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from lightning_lora.worker.messages import check_webhook_url
 
-__all__ = ["SettingsError", "WorkerSettings", "load_settings"]
+__all__ = ["DEFAULT_QUEUE", "BrokerSettings", "SettingsError", "WorkerSettings", "load_settings"]
+
+DEFAULT_QUEUE = "model_training"
 
 # what `requests` accepts in a header value: no CR/LF/NUL, no leading whitespace
 _HEADER_VALUE_RE = re.compile(r"^[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$")
@@ -41,6 +51,200 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 class SettingsError(ValueError):
     """A setting is missing or invalid; the message names it."""
+
+
+# the environment variable of each broker field
+_BROKER_ENV = {
+    "host": "RABBITMQ_HOST",
+    "port": "RABBITMQ_PORT",
+    "user": "RABBITMQ_USER",
+    "password": "RABBITMQ_PASSWORD",
+    "vhost": "RABBITMQ_VHOST",
+    "url": "RABBITMQ_URL",
+    "heartbeat": "RABBITMQ_HEARTBEAT",
+    "queue": "RABBITMQ_QUEUE",
+    "dead_letter_queue": "RABBITMQ_DLQ",
+    "delivery_limit": "RABBITMQ_DELIVERY_LIMIT",
+    "queue_type": "RABBITMQ_QUEUE_TYPE",
+    "connection_name": "RABBITMQ_CONNECTION_NAME",
+}
+
+
+class BrokerSettings(BaseModel):
+    """How to reach RabbitMQ and which queues to use.
+
+    Read them from the environment with :meth:`from_env` (or as ``WorkerSettings.broker`` via
+    :func:`load_settings`). The password (and the URL, which may contain it) never appears in
+    ``repr`` or in logs; use :meth:`describe` for a safe summary.
+
+    Note:
+        There is no consumer-timeout setting: RabbitMQ 3.10 ignores the per-queue
+        ``x-consumer-timeout`` argument; configure the broker-wide ``consumer_timeout`` instead.
+
+    Attributes:
+        host: Broker host (``RABBITMQ_HOST``, default ``localhost``).
+        port: Broker port (``RABBITMQ_PORT``, default 5672).
+        user: User name (``RABBITMQ_USER``, default ``guest``).
+        password: Password (``RABBITMQ_PASSWORD``, default ``guest``); never logged.
+        vhost: Virtual host (``RABBITMQ_VHOST``, default ``/``).
+        url: Full ``amqp://`` / ``amqps://`` URL (``RABBITMQ_URL``); when set it wins over the
+            discrete fields for connecting (TLS options included). Never logged.
+        heartbeat: Heartbeat interval in seconds (``RABBITMQ_HEARTBEAT``, default 60).
+        queue: Work queue (``RABBITMQ_QUEUE``, default ``model_training``).
+        dead_letter_queue: Dead-letter queue (``RABBITMQ_DLQ``, default ``<queue>.dlq``).
+        delivery_limit: Attempts after which a job is poison (``RABBITMQ_DELIVERY_LIMIT``,
+            default 3): counted in the job's S3 lease (crashes), or the quorum queue's
+            ``x-delivery-count``; also the quorum queue's ``x-delivery-limit``.
+        queue_type: ``classic`` (default: declared exactly as the backend does) or ``quorum``
+            (``RABBITMQ_QUEUE_TYPE``).
+        connection_name: ``connection_name`` client property shown by the broker
+            (``RABBITMQ_CONNECTION_NAME``, default ``lightning_lora-worker``).
+        blocked_connection_timeout: Seconds a connection blocked by a broker alarm may wait.
+        reconnect_initial_delay: First reconnect delay in seconds (before jitter).
+        reconnect_max_delay: Upper bound of the reconnect delay in seconds.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(default="localhost", min_length=1)
+    port: int = Field(default=5672, gt=0, lt=65536)
+    user: str = "guest"
+    password: SecretStr = SecretStr("guest")
+    vhost: str = "/"
+    url: str | None = Field(default=None, repr=False)
+    heartbeat: int = Field(default=60, ge=0)
+    queue: str = DEFAULT_QUEUE
+    dead_letter_queue: str | None = None
+    delivery_limit: int = Field(default=3, ge=1)
+    queue_type: Literal["classic", "quorum"] = "classic"
+    connection_name: str = "lightning_lora-worker"
+    blocked_connection_timeout: float = Field(default=300.0, gt=0)
+    reconnect_initial_delay: float = Field(default=1.0, gt=0)
+    reconnect_max_delay: float = Field(default=30.0, gt=0)
+
+    @field_validator("queue", "dead_letter_queue")
+    @classmethod
+    def _check_queue_name(cls, value: str | None) -> str | None:
+        if value is not None and not 0 < len(value.encode()) <= 255:
+            raise ValueError("a queue name must be 1..255 bytes")
+        return value
+
+    @field_validator("queue_type", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fields_from_url(cls, values: Any) -> Any:
+        """With ``url`` set, host, port, user, password, vhost and heartbeat come from it."""
+        if not isinstance(values, dict) or not values.get("url"):
+            return values
+        try:
+            params = pika.URLParameters(values["url"])
+        except Exception as exc:  # pika raises several types for bad URLs
+            raise ValueError(f"is not a valid AMQP URL ({type(exc).__name__})") from None
+        fields: dict[str, Any] = {
+            "host": params.host,
+            "port": params.port,
+            "vhost": params.virtual_host,
+        }
+        if isinstance(params.credentials, pika.PlainCredentials):
+            fields["user"] = params.credentials.username
+            fields["password"] = params.credentials.password
+        if isinstance(params.heartbeat, int) and "heartbeat" not in values:
+            fields["heartbeat"] = params.heartbeat
+        return {**values, **fields}
+
+    @property
+    def dlq(self) -> str:
+        """The dead-letter queue name (``<queue>.dlq`` unless set)."""
+        return self.dead_letter_queue or f"{self.queue}.dlq"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> BrokerSettings:
+        """Build settings from the ``RABBITMQ_*`` environment variables.
+
+        Args:
+            env: Variables to read; defaults to ``os.environ``.
+            **overrides: Field values that win over the environment.
+
+        Returns:
+            The settings.
+
+        Raises:
+            SettingsError: Naming each variable that is invalid (never its value).
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {
+            name: env[var] for name, var in _BROKER_ENV.items() if env.get(var, "").strip() != ""
+        }
+        values.update(overrides)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise SettingsError(
+                "invalid broker settings: " + _problems(exc, _broker_name)
+            ) from None
+
+    def replace(self, **changes: Any) -> BrokerSettings:
+        """Return a validated copy with some fields changed."""
+        values = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self).model_validate({**values, **changes})
+
+    def connection_parameters(
+        self, connection_name: str | None = None
+    ) -> pika.ConnectionParameters:
+        """Build pika connection parameters.
+
+        Args:
+            connection_name: ``connection_name`` client property; defaults to
+                :attr:`connection_name`.
+
+        Returns:
+            Parameters with our heartbeat, timeouts and client properties.
+        """
+        name = connection_name or self.connection_name
+        params: pika.ConnectionParameters
+        if self.url:
+            params = pika.URLParameters(self.url)
+        else:
+            params = pika.ConnectionParameters(
+                host=self.host,
+                port=self.port,
+                virtual_host=self.vhost,
+                credentials=pika.PlainCredentials(self.user, self.password.get_secret_value()),
+            )
+        params.heartbeat = self.heartbeat
+        params.blocked_connection_timeout = self.blocked_connection_timeout
+        params.connection_attempts = 1
+        params.client_properties = {"connection_name": name, "product": "lightning_lora"}
+        return params
+
+    def describe(self) -> str:
+        """A log-safe description of the broker endpoint (no password)."""
+        scheme = "amqps" if (self.url or "").startswith("amqps://") else "amqp"
+        vhost = quote(self.vhost, safe="")
+        return f"{scheme}://{self.user}@{self.host}:{self.port}/{vhost} queue={self.queue!r}"
+
+    def secrets(self) -> list[str]:
+        """The secret values held (password, URL), for redaction."""
+        return [v for v in (self.password.get_secret_value(), self.url) if v]
+
+
+def _broker_name(field: str) -> str:
+    root = field.split(".")[0]
+    return _BROKER_ENV.get(root, f"broker.{field}") if root != "settings" else "RABBITMQ_URL"
+
+
+def _problems(exc: ValidationError, name_of: Any) -> str:
+    """Each error of ``exc`` as ``<setting>: <message>``, never with the value given."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        name = ".".join(str(part) for part in error.get("loc", ())) or "settings"
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        problems.append(f"{name_of(name)}: {message}")
+    return "; ".join(problems)
 
 
 def _split_list(value: Any) -> Any:
@@ -82,6 +286,7 @@ class WorkerSettings(BaseModel):
             unset).
         metrics_host: Address it binds (``METRICS_HOST``, default ``127.0.0.1``).
         log_format: ``text`` or ``json`` (``LOG_FORMAT``).
+        broker: How to reach RabbitMQ (the ``RABBITMQ_*`` variables, :class:`BrokerSettings`).
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
@@ -127,6 +332,7 @@ class WorkerSettings(BaseModel):
     log_format: Literal["text", "json"] = Field(
         default="text", validation_alias=AliasChoices("LOG_FORMAT", "log_format")
     )
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
 
     @field_validator("internal_api_token", "webhook_signing_secret", mode="before")
     @classmethod
@@ -178,19 +384,22 @@ class WorkerSettings(BaseModel):
         return value
 
     def secrets(self) -> list[str]:
-        """The secret values held, for redaction."""
+        """The secret values held (the broker's included), for redaction."""
         held = [self.internal_api_token, self.webhook_signing_secret]
-        return [s.get_secret_value() for s in held if s is not None]
+        return [s.get_secret_value() for s in held if s is not None] + self.broker.secrets()
 
     def public(self) -> dict[str, Any]:
         """The settings without secrets, for the start-up log line."""
-        return self.model_dump(exclude={"internal_api_token", "webhook_signing_secret"})
+        public = self.model_dump(exclude={"internal_api_token", "webhook_signing_secret", "broker"})
+        return {**public, "broker": self.broker.describe()}
 
 
 def load_settings(
     section: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
 ) -> WorkerSettings:
     """Settings from the config's ``worker:`` section and the environment (which wins).
+
+    The broker's come from the ``RABBITMQ_*`` variables (:meth:`BrokerSettings.from_env`).
 
     ``WEBHOOK_ALLOWLIST`` and ``S3_ALLOWED_BUCKETS`` extend the config's lists.
 
@@ -199,7 +408,7 @@ def load_settings(
         env: The environment (``os.environ`` when ``None``).
 
     Raises:
-        SettingsError: Naming every invalid or missing setting.
+        SettingsError: Naming every invalid or missing setting, the broker's included.
     """
     env = dict(os.environ if env is None else env)
     values: dict[str, Any] = dict(section or {})
@@ -221,15 +430,19 @@ def load_settings(
         if env.get(env_name, "") != "":
             values[name] = env[env_name]
     values = {k: v for k, v in values.items() if v is not None or k == "work_dir"}
+    problems = []
     try:
-        return WorkerSettings.model_validate(values)
+        values["broker"] = BrokerSettings.from_env(env)
+    except SettingsError as exc:
+        problems.append(str(exc).removeprefix("invalid broker settings: "))
+        values.pop("broker", None)
+    try:
+        settings = WorkerSettings.model_validate(values)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors(include_url=False, include_input=False):
-            name = ".".join(str(part) for part in error.get("loc", ())) or "settings"
-            message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-            problems.append(f"{_setting_name(name)}: {message}")
+        problems.insert(0, _problems(exc, _setting_name))
+    if problems:
         raise SettingsError("invalid worker settings: " + "; ".join(problems)) from None
+    return settings
 
 
 _ENV_NAMES = {
