@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -23,6 +24,7 @@ def lora_config(
     init_lora_weights: bool | str = "gaussian",
     use_dora: bool = False,
     use_rslora: bool = False,
+    text_encoder: Mapping[str, Any] | None = None,
 ) -> LoraConfig:
     """Build the PEFT config for the UNet's LoRA.
 
@@ -35,6 +37,9 @@ def lora_config(
             Kaiming-A/zero-B, ``pissa``, ...).
         use_dora: PEFT's DoRA (a learned magnitude per output feature besides the LoRA).
         use_rslora: Rank-stabilised LoRA: the update is scaled by ``alpha / sqrt(rank)``.
+        text_encoder: The ``lora.text_encoder`` section, which this UNet config ignores (so that
+            ``instantiate(cfg.lora)`` works); :func:`lightning_lora.text_encoder.build_lora_configs`
+            builds the text encoder's config from it.
 
     Returns:
         The config.

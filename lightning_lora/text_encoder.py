@@ -33,7 +33,7 @@ def build_lora_configs(node: DictConfig) -> tuple[LoraConfig, LoraConfig | None,
         ``(unet_config, text_encoder_config, text_encoder_lr)``.
     """
     settings: dict[str, Any] = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
-    text = dict(settings.pop("text_encoder", None) or {})
+    text = dict(settings.get("text_encoder") or {})
     unet = instantiate(settings)
     if not text.get("enabled", False):
         return unet, None, None

@@ -163,9 +163,9 @@ def test_module_draws_training_timesteps_from_the_configured_sampler(tiny_module
     seen: list[torch.Tensor] = []
     original = module.diffusion_loss
 
-    def spy(latents, context, noise, timesteps, compiled=True):
+    def spy(latents, context, noise, timesteps, *args, **kwargs):
         seen.append(timesteps)
-        return original(latents, context, noise, timesteps, compiled)
+        return original(latents, context, noise, timesteps, *args, **kwargs)
 
     module.diffusion_loss = spy
     batch = {"latent_params": torch.randn(16, 8, 8, 8), "text_embeds": torch.randn(16, 77, 32)}
