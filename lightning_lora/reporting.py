@@ -98,15 +98,16 @@ def upload_final_lora(storage: S3Storage, style_id: int, result: TrainResult) ->
 
     Returns:
         ``(model_url, kohya_url)``: the ``s3://`` URLs of ``models/style_{id}/
-        lora_weights.safetensors`` (diffusers format) and ``.../lora_kohya.safetensors``.
+        lora_weights.safetensors`` (diffusers format, the contract's file) and
+        ``.../lora_kohya.safetensors``; ``kohya_url`` is ``None`` for a DoRA LoRA, which the
+        kohya format cannot carry (:data:`~lightning_lora.kohya.DORA_NOT_IN_KOHYA`): then an
+        older kohya file of the style is deleted, so no stale file stands beside the new one.
 
     Raises:
         UploadError: Either upload failed (or there is nothing to upload).
     """
     if result.lora is None:
         raise UploadError(f"no exported LoRA to upload for style {style_id}")
-    if result.lora.kohya is None:  # lora.use_dora: the worker refuses it at start
-        raise UploadError(f"no kohya file to upload for style {style_id} (DoRA: diffusers only)")
     meta = {
         "style_id": style_id,
         "training_epochs": result.metadata.get("num_epochs"),
@@ -116,6 +117,10 @@ def upload_final_lora(storage: S3Storage, style_id: int, result: TrainResult) ->
     model_url = storage.upload_file(
         result.lora.diffusers, model_key(style_id), {**meta, "format": "diffusers"}
     )
+    if result.lora.kohya is None:  # lora.use_dora: diffusers format only
+        storage.delete_keys([kohya_key(style_id)])
+        log.info("style %s: DoRA LoRA delivered in diffusers format only", style_id)
+        return model_url, None
     kohya_url = storage.upload_file(
         result.lora.kohya, kohya_key(style_id), {**meta, "format": "kohya"}
     )
@@ -228,10 +233,11 @@ def _finished_lora(run_dir: Path) -> tuple[LoraFiles, dict[str, Any]] | None:
         return None
     try:
         saved = json.loads(marker.read_text(encoding="utf-8"))
-        files = LoraFiles(Path(saved["folder"]), Path(saved["diffusers"]), Path(saved["kohya"]))
+        kohya = Path(saved["kohya"]) if saved["kohya"] is not None else None  # None: DoRA
+        files = LoraFiles(Path(saved["folder"]), Path(saved["diffusers"]), kohya)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not (files.diffusers.is_file() and files.kohya.is_file()):
+    if not files.diffusers.is_file() or (files.kohya is not None and not files.kohya.is_file()):
         return None
     return files, saved
 
@@ -255,7 +261,7 @@ def _train_or_reuse(
         marker = {
             "folder": str(result.lora.folder),
             "diffusers": str(result.lora.diffusers),
-            "kohya": str(result.lora.kohya),
+            "kohya": None if result.lora.kohya is None else str(result.lora.kohya),
             "metrics": result.metrics,
             "metadata": result.metadata,
         }
@@ -321,7 +327,8 @@ def run_reported_training(
         started = time.perf_counter()
         model_url, kohya_url = upload_final_lora(storage, style_id, result)
         result.metrics["upload_seconds"] = time.perf_counter() - started
-        report_completion(webhook, cfg, result, model_url, extra={"kohya_url": kohya_url})
+        extra = {"kohya_url": kohya_url} if kohya_url else {}
+        report_completion(webhook, cfg, result, model_url, extra=extra)
         return result
     except (StorageUnavailableError, JobInterrupted):
         raise  # not the job's fault: requeued by the worker, nothing reported

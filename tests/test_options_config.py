@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 
 from lightning_lora.text_encoder import build_lora_configs
 from lightning_lora.train import CONFIG_DIR, compose_config
-from lightning_lora.worker.cli import compose_worker_config, main
+from lightning_lora.worker.cli import compose_worker_config
 
 OPTIONS = (
     "module/optimizer=prodigy",
@@ -50,9 +50,30 @@ def test_the_new_options_compose_under_the_worker_config() -> None:
     assert build_lora_configs(plain.lora)[1] is None
 
 
-def test_the_worker_refuses_dora_it_cannot_deliver_in_kohya_format(capsys) -> None:
-    assert main(["lora.use_dora=true"]) == 2
-    assert "diffusers format only" in capsys.readouterr().err
+def test_a_dora_job_delivers_the_diffusers_file_only_and_drops_a_stale_kohya_file(
+    s3_env, tmp_path
+) -> None:
+    from lightning_lora.export import LoraFiles
+    from lightning_lora.layout import kohya_key, model_key
+    from lightning_lora.reporting import upload_final_lora
+    from lightning_lora.train import TrainResult
+
+    assert compose_worker_config(["model=tiny", "lora.use_dora=true"]).lora.use_dora
+    stale = tmp_path / "old_kohya.safetensors"
+    stale.write_bytes(b"an earlier training's kohya file")
+    s3_env.upload_file(stale, kohya_key(7), {"style_id": 7})
+    diffusers = tmp_path / "pytorch_lora_weights.safetensors"
+    diffusers.write_bytes(b"dora weights")
+    result = TrainResult(
+        output_dir=tmp_path,
+        lora=LoraFiles(tmp_path, diffusers, None),
+        metrics={},
+        metadata={"num_epochs": 1, "network_dim": 4, "network_alpha": 4},
+    )
+    model_url, kohya_url = upload_final_lora(s3_env, 7, result)
+    assert kohya_url is None and model_url.endswith(model_key(7))
+    assert kohya_key(7) not in set(s3_env.list_keys("models/style_7/"))
+    assert model_key(7) in set(s3_env.list_keys("models/style_7/"))
 
 
 @pytest.mark.parametrize("choice", ["adamw_fused", "adamw_8bit", "schedule_free", "adafactor"])

@@ -109,7 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the config and exit")
     args = parser.parse_args(argv)
 
-    from lightning_lora.kohya import DORA_NOT_IN_KOHYA
     from lightning_lora.worker.app import TrainingWorker, split_config
     from lightning_lora.worker.broker import publish_dead_letter
     from lightning_lora.worker.jobdirs import remove_stale_job_dirs
@@ -125,12 +124,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(OmegaConf.to_yaml(cfg))
         return EXIT_OK
     train_cfg, section = split_config(cfg)
-    if train_cfg.get("lora", {}).get("use_dora", False):
-        # every job delivers a kohya file too (models/style_{id}/lora_kohya.safetensors)
-        print(
-            f"lightning-lora-worker: {DORA_NOT_IN_KOHYA}; the worker delivers one", file=sys.stderr
-        )
-        return EXIT_BAD_SETTINGS
     try:
         settings = load_settings(section)
         configure_logging(args.log_level, settings.log_format)
