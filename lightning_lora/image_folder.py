@@ -8,9 +8,10 @@ bucket as little as possible (:mod:`lightning_lora.buckets`). Captions come from
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,9 +195,24 @@ def image_size(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[
     return _probe(path, max_pixels)
 
 
+@contextlib.contextmanager
+def _image_errors(path: Path) -> Iterator[None]:
+    """Turn Pillow's and the file system's errors on ``path`` into an :class:`InvalidImageError`."""
+    try:
+        yield
+    except InvalidImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InvalidImageError(
+            f"image {path} is too large (decompression bomb guard): {exc}"
+        ) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImageError(f"image {path} is unreadable, truncated or corrupt: {exc}") from exc
+
+
 def _probe(path: Path, max_pixels: int) -> tuple[int, int]:
     """The checks before decoding (size, format, pixel limit); the oriented size."""
-    try:
+    with _image_errors(path):
         if path.stat().st_size == 0:
             raise InvalidImageError(f"image {path} is empty (0 bytes)")
         with Image.open(path) as probe:
@@ -214,14 +230,6 @@ def _probe(path: Path, max_pixels: int) -> tuple[int, int]:
             probe.verify()
         with Image.open(path) as probe:  # verify() leaves the image unusable: reopen it
             orientation = probe.getexif().get(0x0112, 1)
-    except InvalidImageError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise InvalidImageError(
-            f"image {path} is too large (decompression bomb guard): {exc}"
-        ) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidImageError(f"image {path} is unreadable, truncated or corrupt: {exc}") from exc
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
@@ -232,20 +240,13 @@ def _decode(path: Path, max_pixels: int, bucket: Bucket | None = None) -> Image.
     while converting other modes); the file's own image is closed before returning.
     """
     _probe(path, max_pixels)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)
-            if bucket is None:
-                return _to_rgb(img)  # always a new image: ``img`` is unusable once closed
-            rgb = img if img.mode == "RGB" else _to_rgb(img)
-            return rgb.resize(fit_size(*rgb.size, bucket), Image.Resampling.BICUBIC)
-    except Image.DecompressionBombError as exc:
-        raise InvalidImageError(
-            f"image {path} is too large (decompression bomb guard): {exc}"
-        ) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidImageError(f"image {path} is unreadable, truncated or corrupt: {exc}") from exc
+    with _image_errors(path), Image.open(path) as img:
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)
+        if bucket is None:
+            return _to_rgb(img)  # always a new image: ``img`` is unusable once closed
+        rgb = img if img.mode == "RGB" else _to_rgb(img)
+        return rgb.resize(fit_size(*rgb.size, bucket), Image.Resampling.BICUBIC)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -91,17 +91,33 @@ def inject_lora(unet: UNet2DConditionModel, config: LoraConfig, seed: int) -> in
         existing = None
     if existing is None:
         unet.add_adapter(config, adapter_name=ADAPTER)
+    reset_lora(unet, config, seed)
+    unet.set_adapters(ADAPTER)
+    return train_only_lora(unet)
+
+
+def reset_lora(model: torch.nn.Module, config: LoraConfig, seed: int) -> None:
+    """Re-initialise every LoRA layer of ``model`` from ``seed`` (the global RNG untouched).
+
+    Args:
+        model: A model holding the :data:`ADAPTER` LoRA (the UNet or the text encoder).
+        config: Its LoRA config (``init_lora_weights`` and, for DoRA, the variant's settings).
+        seed: Seed of the initialisation.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for module in unet.modules():
+        for module in model.modules():
             if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
                 module.reset_lora_parameters(ADAPTER, config.init_lora_weights)
                 variant = getattr(module, "lora_variant", {}).get(ADAPTER)
                 if variant is not None:  # DoRA: the magnitude of the weight with the reset LoRA
                     variant.init(module, adapter_name=ADAPTER, config=config)
-    unet.set_adapters(ADAPTER)
+
+
+def train_only_lora(model: torch.nn.Module) -> int:
+    """Make only the LoRA parameters of ``model`` trainable; returns how many there are."""
     trainable = 0
-    for name, param in unet.named_parameters():
+    for name, param in model.named_parameters():
         is_lora = "lora_" in name
         param.requires_grad_(is_lora)
         trainable += param.numel() if is_lora else 0

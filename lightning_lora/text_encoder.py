@@ -14,9 +14,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig
 from peft.functional import delete_adapter, inject_adapter_in_model, set_adapter
-from peft.tuners.lora import LoraLayer
 
-from lightning_lora.lora import ADAPTER, _same_config, lora_config
+from lightning_lora.lora import ADAPTER, _same_config, lora_config, reset_lora, train_only_lora
 
 #: Default target modules of the text encoder's LoRA (CLIP attention projections).
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -77,18 +76,6 @@ def inject_text_encoder_lora(
     if existing is None:
         inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER)
         text_encoder.peft_config = {ADAPTER: config}  # what get_peft_model_state_dict reads
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in text_encoder.modules():
-            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-                module.reset_lora_parameters(ADAPTER, config.init_lora_weights)
-                variant = getattr(module, "lora_variant", {}).get(ADAPTER)
-                if variant is not None:
-                    variant.init(module, adapter_name=ADAPTER, config=config)
+    reset_lora(text_encoder, config, seed)
     set_adapter(text_encoder, ADAPTER)
-    trainable = 0
-    for name, param in text_encoder.named_parameters():
-        is_lora = "lora_" in name
-        param.requires_grad_(is_lora)
-        trainable += param.numel() if is_lora else 0
-    return trainable
+    return train_only_lora(text_encoder)
