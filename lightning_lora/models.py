@@ -50,7 +50,7 @@ _TINY_VAE = dict(
     norm_num_groups=32,
 )
 #: SD1.5's noise schedule (scaled_linear betas, epsilon prediction).
-_SD15_SCHEDULER = dict(
+SD15_SCHEDULER = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,
@@ -147,7 +147,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightning_lora"
 
 
-def _char_vocab() -> dict[str, int]:
+def char_vocab() -> dict[str, int]:
     """Return a character-level CLIP BPE vocabulary: every byte, alone and word-final."""
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -165,6 +165,72 @@ _TINY_CLIP = dict(
     max_position_embeddings=77,
     hidden_act="quick_gelu",
 )
+
+
+def save_model_folder(
+    dest: str | Path,
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+) -> Path:
+    """Save the parts as a diffusers pipeline folder, with SD1.5's scheduler.
+
+    Args:
+        dest: Folder to create. It is written atomically (built beside it, then renamed), and
+            replaces a folder already there.
+        tokenizer: The CLIP tokenizer.
+        text_encoder: The CLIP text encoder.
+        vae: The autoencoder.
+        unet: The UNet.
+
+    Returns:
+        The folder, loadable with :func:`load_components`.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model-build-", dir=dest.parent))
+    try:
+        _write_parts(tmp, tokenizer, {"text_encoder": text_encoder, "vae": vae, "unet": unet})
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _write_parts(folder: Path, tokenizer: CLIPTokenizer, parts: dict[str, Any]) -> None:
+    """Write the tokenizer, each part (a model, or a function making one), scheduler and index.
+
+    A part given as a function is made, saved and dropped before the next one, so a full-size
+    build holds one model in memory.
+    """
+    tokenizer.save_pretrained(folder / "tokenizer")
+    for name, part in parts.items():
+        model = part() if callable(part) and not isinstance(part, torch.nn.Module) else part
+        model.save_pretrained(folder / name)
+        del model
+    DDPMScheduler(**SD15_SCHEDULER).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.30.0",
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+                "safety_checker": [None, None],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
 
 
 def build_model_folder(
@@ -198,46 +264,20 @@ def build_model_folder(
     try:
         with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(0)
-            vocab = _char_vocab()
+            vocab = char_vocab()
             tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-            tokenizer.save_pretrained(tmp / "tokenizer")
             text_config = CLIPTextConfig(
                 **{"vocab_size": len(vocab), **text_encoder},
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )
-            # one part at a time, so a full-size build holds one model in memory
             parts = {
-                "text_encoder": lambda: CLIPTextModel(text_config),
-                "vae": lambda: AutoencoderKL(**vae),
-                "unet": lambda: UNet2DConditionModel(**unet),
+                "text_encoder": lambda: CLIPTextModel(text_config).to(dtype),
+                "vae": lambda: AutoencoderKL(**vae).to(dtype),
+                "unet": lambda: UNet2DConditionModel(**unet).to(dtype),
             }
-            for name, make in parts.items():
-                model = make()
-                if dtype != torch.float32:
-                    model = model.to(dtype)
-                model.save_pretrained(tmp / name)
-                del model
-        DDPMScheduler(**_SD15_SCHEDULER).save_pretrained(tmp / "scheduler")
-        (tmp / "model_index.json").write_text(
-            json.dumps(
-                {
-                    "_class_name": "StableDiffusionPipeline",
-                    "_diffusers_version": "0.30.0",
-                    "feature_extractor": [None, None],
-                    "requires_safety_checker": False,
-                    "safety_checker": [None, None],
-                    "scheduler": ["diffusers", "DDPMScheduler"],
-                    "text_encoder": ["transformers", "CLIPTextModel"],
-                    "tokenizer": ["transformers", "CLIPTokenizer"],
-                    "unet": ["diffusers", "UNet2DConditionModel"],
-                    "vae": ["diffusers", "AutoencoderKL"],
-                },
-                indent=2,
-            ),
-            encoding="utf-8",
-        )
+            _write_parts(tmp, tokenizer, parts)
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
@@ -278,3 +318,24 @@ def tiny_model_path(cache_dir: str | Path | None = None) -> str:
     if not (path / "model_index.json").exists():
         build_tiny_model(path)
     return str(path)
+
+
+#: The demo's pretrained tiny model, shipped in the package (lightning_lora.pretrain_tiny).
+DEMO_MODEL_DIR = Path(__file__).parent / "pretrained" / "tiny-sd15-shapes"
+
+
+def demo_model_path() -> str:
+    """Return the folder of the demo's pretrained tiny model (shipped, never built at run time).
+
+    Returns:
+        The path as a string (what ``pretrained_model_name_or_path`` takes).
+
+    Raises:
+        FileNotFoundError: If the folder is missing (a checkout without it: run
+            ``make pretrain-tiny``).
+    """
+    if not (DEMO_MODEL_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the demo model is missing at {DEMO_MODEL_DIR}; `make pretrain-tiny` rebuilds it"
+        )
+    return str(DEMO_MODEL_DIR)

@@ -96,9 +96,10 @@ def generate(
     kwargs = {} if lora_scale is None else {"cross_attention_kwargs": {"scale": lora_scale}}
     for i, prompt in enumerate(prompts):
         gen = torch.Generator(device="cpu").manual_seed(seed + i)
-        latents = torch.randn(
-            (1, pipe.unet.config.in_channels, resolution // 8, resolution // 8), generator=gen
-        ).to(device, pipe.unet.dtype)
+        side = resolution // pipe.vae_scale_factor
+        latents = torch.randn((1, pipe.unet.config.in_channels, side, side), generator=gen).to(
+            device, pipe.unet.dtype
+        )
         out = pipe(
             prompt,
             height=resolution,
@@ -111,6 +112,58 @@ def generate(
         )
         images.append(out.images[0])
     return images
+
+
+def sample_images(
+    pl_module: L.LightningModule,
+    prompts: Sequence[str],
+    resolution: int,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    lora_scale: float | None = None,
+) -> list[Image.Image]:
+    """Generate with the module being trained, then put it back as it was for training.
+
+    The UNet and text encoder are switched to eval mode (LoRA dropout off) and, when EMA or
+    schedule-free is on, to their averaged weights.
+
+    Args:
+        pl_module: The :class:`~lightning_lora.module.LoRAModule`.
+        prompts: One image per prompt.
+        resolution: Image side in pixels.
+        steps: Denoising steps.
+        guidance_scale: Classifier-free guidance scale.
+        seed: Seed of the noise (per prompt: ``seed + index``).
+        lora_scale: Scale of the LoRA (0 gives the base model's image); ``None`` keeps it.
+
+    Returns:
+        The images.
+    """
+    components = SDComponents(
+        pl_module.unet,
+        pl_module.vae,
+        pl_module.text_encoder,
+        pl_module.tokenizer,
+        pl_module.noise_scheduler,
+        "",
+    )
+    pipe = build_pipeline(components)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = pl_module.unet.training, pl_module.text_encoder.training
+    pl_module.unet.eval()
+    pl_module.text_encoder.eval()  # a trained text encoder's LoRA dropout off too
+    # the EMA's / schedule-free's averaged weights when they are on
+    weights = getattr(pl_module, "evaluation_weights", contextlib.nullcontext)
+    try:
+        with weights():
+            return generate(
+                pipe, prompts, resolution, steps, guidance_scale, seed, lora_scale=lora_scale
+            )
+    finally:
+        pl_module.unet.train(was_training[0])
+        pl_module.text_encoder.train(was_training[1])
+        cast_training_params([pl_module.unet, pl_module.text_encoder], dtype=torch.float32)
 
 
 class ValidationCallback(L.Callback):
@@ -161,37 +214,15 @@ class ValidationCallback(L.Callback):
 
     @rank_zero_only
     def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
-        resolution = self.resolution or getattr(datamodule, "resolution", 512)
-        components = SDComponents(
-            pl_module.unet,
-            pl_module.vae,
-            pl_module.text_encoder,
-            pl_module.tokenizer,
-            pl_module.noise_scheduler,
-            "",
+        resolution = self.resolution or getattr(trainer.datamodule, "resolution", 512)
+        images = sample_images(
+            pl_module,
+            self.prompts,
+            resolution,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.seed,
         )
-        pipe = build_pipeline(components)
-        pipe.set_progress_bar_config(disable=True)
-        was_training = pl_module.unet.training, pl_module.text_encoder.training
-        pl_module.unet.eval()
-        pl_module.text_encoder.eval()  # a trained text encoder's LoRA dropout off too
-        # the EMA's / schedule-free's averaged weights when they are on
-        weights = getattr(pl_module, "evaluation_weights", contextlib.nullcontext)
-        try:
-            with weights():
-                images = generate(
-                    pipe,
-                    self.prompts,
-                    resolution,
-                    self.num_inference_steps,
-                    self.guidance_scale,
-                    self.seed,
-                )
-        finally:
-            pl_module.unet.train(was_training[0])
-            pl_module.text_encoder.train(was_training[1])
-            cast_training_params([pl_module.unet, pl_module.text_encoder], dtype=torch.float32)
         grid = make_grid(images)
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         path = self.samples_dir / f"epoch_{trainer.current_epoch + 1:04d}.png"

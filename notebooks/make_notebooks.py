@@ -41,11 +41,13 @@ QUICKSTART = [
 
 This notebook runs the same training path as `lightning-lora-train`, in-process:
 
-1. compose the Hydra config with overrides (`experiment=tiny`: the tiny SD1.5-shaped model on the
-   generated demo style, CPU, 64 px; for SD1.5 use e.g. `experiment=sd15_fast` on a GPU),
+1. compose the Hydra config with overrides (`experiment=demo`: the pretrained tiny SD1.5-shaped
+   model, which draws captioned shapes, learns the demo style (scenes in four greens) on the CPU
+   at 64 px; for SD1.5 use e.g. `experiment=sd15_fast` on a GPU),
 2. train with `train(cfg)`,
-3. plot the loss curve from the run's CSV log and show the validation sample grid,
-4. load the LoRA into a diffusers pipeline and generate at two LoRA scales.
+3. plot the loss curve from the run's CSV log and show the base-vs-LoRA grid with its measured
+   style distances,
+4. load the LoRA into a diffusers pipeline and generate at LoRA scales 0, 0.5 and 1.
 """,
     ),
     (
@@ -55,10 +57,14 @@ This notebook runs the same training path as `lightning-lora-train`, in-process:
 import os
 from pathlib import Path
 
-OVERRIDES = ["experiment=tiny", "trainer.enable_progress_bar=false"]
+OVERRIDES = ["experiment=demo", "trainer.enable_progress_bar=false"]
 OUTPUT_DIR = Path(os.environ.get("LIGHTNING_LORA_NOTEBOOK_OUTPUT", "../outputs/notebooks"))
 OUTPUT_DIR = OUTPUT_DIR.resolve() / "01_quickstart"
-PROMPTS = ["a house, in the style of lldemo", "a cat, in the style of lldemo"]
+PROMPTS = [
+    "a red circle on a blue background, in the style of lldemo",
+    "a white square on a purple background, in the style of lldemo",
+    "a yellow triangle on a black background, in the style of lldemo",
+]
 """,
     ),
     ("md", "## 1. Compose the config (Hydra compose API)"),
@@ -85,7 +91,7 @@ print("LoRA:", result.lora.diffusers)
 {k: round(v, 4) for k, v in result.metrics.items()}
 """,
     ),
-    ("md", "## 3. Loss curve and sample grid"),
+    ("md", "## 3. Loss curve, and the base model against the LoRA"),
     (
         "code",
         """
@@ -112,11 +118,14 @@ plt.show()
         """
 from IPython.display import Image, display
 
-print(result.sample_grid)
-display(Image(filename=str(result.sample_grid)))
+# top row: the base model (LoRA scale 0); bottom row: the LoRA; same prompts and seeds
+print("style distance to the style images (0 = same colours, 1 = none shared):")
+print("  base", round(result.metrics["style_distance/base"], 3))
+print("  LoRA", round(result.metrics["style_distance/lora"], 3))
+display(Image(filename=str(result.output_dir / "samples" / "base_vs_lora.png")))
 """,
     ),
-    ("md", "## 4. Generate with the LoRA at scales 0 (the base model) and 1"),
+    ("md", "## 4. Generate with the LoRA at scales 0 (the base model), 0.5 and 1"),
     (
         "code",
         """
@@ -128,12 +137,12 @@ pipe.load_lora_weights(
     str(result.lora.folder), weight_name=result.lora.diffusers.name, adapter_name="style"
 )
 rows = {}
-for scale in (0.0, 1.0):
+for scale in (0.0, 0.5, 1.0):
     pipe.set_adapters(["style"], [scale])
-    rows[scale] = generate(pipe, PROMPTS, resolution=64, steps=4, guidance_scale=7.5, seed=0)
-grid = make_grid(rows[0.0] + rows[1.0], cols=len(PROMPTS))
+    rows[scale] = generate(pipe, PROMPTS, resolution=64, steps=20, guidance_scale=5.0, seed=0)
+grid = make_grid(rows[0.0] + rows[0.5] + rows[1.0], cols=len(PROMPTS))
 grid.save(OUTPUT_DIR / "lora_scales.png")
-print("rows: LoRA scale 0 (base model), LoRA scale 1")
+print("rows: LoRA scale 0 (base model), 0.5, 1")
 display(grid.resize((grid.width * 2, grid.height * 2)))
 """,
     ),
@@ -148,10 +157,10 @@ SWEEP_ANALYSIS = [
 Reads a `lightning-lora-train -m ...` multirun folder and compares its runs with
 `lightning_lora.sweep_report` (the same report the multirun writes at its end). Set
 `MULTIRUN_DIR` below (or the `LIGHTNING_LORA_MULTIRUN_DIR` environment variable); without one,
-the notebook runs a two-run tiny sweep itself:
+the notebook runs a two-run tiny sweep on the demo's pretrained model itself:
 
 ```
-lightning-lora-train -m experiment=tiny lora.rank=2,4 hydra.sweep.dir=...
+lightning-lora-train -m experiment=tiny model=demo lora.rank=2,4 hydra.sweep.dir=...
 ```
 """,
     ),
@@ -164,7 +173,12 @@ from pathlib import Path
 
 MULTIRUN_DIR = os.environ.get("LIGHTNING_LORA_MULTIRUN_DIR", "")
 OUTPUT_DIR = Path(os.environ.get("LIGHTNING_LORA_NOTEBOOK_OUTPUT", "../outputs/notebooks"))
-EXAMPLE_SWEEP = ["experiment=tiny", "lora.rank=2,4", "trainer.enable_progress_bar=false"]
+EXAMPLE_SWEEP = [
+    "experiment=tiny",
+    "model=demo",
+    "lora.rank=2,4",
+    "trainer.enable_progress_bar=false",
+]
 """,
     ),
     (

@@ -35,7 +35,7 @@ from hydra.utils import instantiate
 
 from benchmarks import baseline, bench, models, report
 from lightning_lora import compilation
-from lightning_lora.models import _SD15_SCHEDULER, load_components
+from lightning_lora.models import SD15_SCHEDULER, load_components
 from lightning_lora.module import LoRAModule
 from lightning_lora.text_encoder import build_lora_configs
 from lightning_lora.train import BF16_OVERRIDE, precision_info, train
@@ -253,7 +253,7 @@ def test_baseline_agrees_with_the_shared_reference(
 
 # --------------------------------------------------------------------------- noise tables
 def _table_holder(prediction_type: str) -> types.SimpleNamespace:
-    sched = DDPMScheduler(**{**_SD15_SCHEDULER, "prediction_type": prediction_type})
+    sched = DDPMScheduler(**{**SD15_SCHEDULER, "prediction_type": prediction_type})
     holder = types.SimpleNamespace(noise_scheduler=sched, _noise_tables={})
     holder.noise_tables = types.MethodType(LoRAModule.noise_tables, holder)
     holder._coefficients = types.MethodType(LoRAModule._coefficients, holder)
