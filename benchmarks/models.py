@@ -58,9 +58,9 @@ SD15_CLIP: dict[str, Any] = dict(
     max_position_embeddings=77,
     hidden_act="quick_gelu",
 )
-TINY_UNET: dict[str, Any] = {**models._TINY_UNET, "layers_per_block": 2}
-TINY_VAE: dict[str, Any] = {**models._TINY_VAE, "layers_per_block": 2}
-TINY_CLIP: dict[str, Any] = dict(models._TINY_CLIP)
+TINY_UNET: dict[str, Any] = {**models.TINY_UNET, "layers_per_block": 2}
+TINY_VAE: dict[str, Any] = {**models.TINY_VAE, "layers_per_block": 2}
+TINY_CLIP: dict[str, Any] = dict(models.TINY_CLIP)
 
 
 def shapes(tiny: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -8,11 +8,13 @@ other local model: nothing is downloaded by tests, the demo or CI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 #: Bump when the tiny model's architecture or build changes, so stale caches are not reused.
 TINY_MODEL_VERSION = "v1"
 
-_TINY_UNET = dict(
+TINY_UNET = dict(
     sample_size=8,
     in_channels=4,
     out_channels=4,
@@ -38,7 +40,7 @@ _TINY_UNET = dict(
     attention_head_dim=4,
     norm_num_groups=32,
 )
-_TINY_VAE = dict(
+TINY_VAE = dict(
     in_channels=3,
     out_channels=3,
     latent_channels=4,
@@ -157,7 +159,7 @@ def char_vocab() -> dict[str, int]:
 
 
 #: The tiny text encoder (the vocabulary size comes from the tokenizer).
-_TINY_CLIP = dict(
+TINY_CLIP = dict(
     hidden_size=32,
     intermediate_size=64,
     num_hidden_layers=2,
@@ -188,17 +190,27 @@ def save_model_folder(
         The folder, loadable with :func:`load_components`.
     """
     dest = Path(dest)
+    with _atomic_folder(dest) as tmp:
+        _write_parts(tmp, tokenizer, {"text_encoder": text_encoder, "vae": vae, "unet": unet})
+    return dest
+
+
+@contextlib.contextmanager
+def _atomic_folder(dest: Path) -> Iterator[Path]:
+    """A new folder beside ``dest`` that replaces ``dest`` when the block succeeds.
+
+    Readers never see a half-written model; a failed build leaves nothing behind.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".model-build-", dir=dest.parent))
     try:
-        _write_parts(tmp, tokenizer, {"text_encoder": text_encoder, "vae": vae, "unet": unet})
+        yield tmp
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def _write_parts(folder: Path, tokenizer: CLIPTokenizer, parts: dict[str, Any]) -> None:
@@ -233,6 +245,11 @@ def _write_parts(folder: Path, tokenizer: CLIPTokenizer, parts: dict[str, Any]) 
     )
 
 
+def _as_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast a freshly initialised model unless it already is fp32 (diffusers warns on any cast)."""
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
 def build_model_folder(
     dest: str | Path,
     unet: dict[str, Any],
@@ -259,31 +276,22 @@ def build_model_folder(
         The folder, loadable with :func:`load_components`.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".model-build-", dir=dest.parent))
-    try:
-        with torch.random.fork_rng(devices=[]), torch.device(device):
-            torch.manual_seed(0)
-            vocab = char_vocab()
-            tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-            text_config = CLIPTextConfig(
-                **{"vocab_size": len(vocab), **text_encoder},
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            parts = {
-                "text_encoder": lambda: CLIPTextModel(text_config).to(dtype),
-                "vae": lambda: AutoencoderKL(**vae).to(dtype),
-                "unet": lambda: UNet2DConditionModel(**unet).to(dtype),
-            }
-            _write_parts(tmp, tokenizer, parts)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with _atomic_folder(dest) as tmp, torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        vocab = char_vocab()
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+        text_config = CLIPTextConfig(
+            **{"vocab_size": len(vocab), **text_encoder},
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        parts = {
+            "text_encoder": lambda: _as_dtype(CLIPTextModel(text_config), dtype),
+            "vae": lambda: _as_dtype(AutoencoderKL(**vae), dtype),
+            "unet": lambda: _as_dtype(UNet2DConditionModel(**unet), dtype),
+        }
+        _write_parts(tmp, tokenizer, parts)
     log.info("built a random-weight SD1.5-shaped model at %s", dest)
     return dest
 
@@ -301,7 +309,7 @@ def build_tiny_model(dest: str | Path) -> Path:
     Returns:
         The folder, loadable with :func:`load_components`.
     """
-    return build_model_folder(dest, _TINY_UNET, _TINY_VAE, _TINY_CLIP)
+    return build_model_folder(dest, TINY_UNET, TINY_VAE, TINY_CLIP)
 
 
 def tiny_model_path(cache_dir: str | Path | None = None) -> str:

@@ -41,7 +41,14 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from lightning_lora.models import SD15_SCHEDULER, char_vocab, save_model_folder
+from lightning_lora.models import (
+    SD15_SCHEDULER,
+    TINY_CLIP,
+    TINY_UNET,
+    TINY_VAE,
+    char_vocab,
+    save_model_folder,
+)
 from lightning_lora.shapes import (
     WORDS,
     background_colour,
@@ -53,42 +60,15 @@ from lightning_lora.shapes import (
 
 log = logging.getLogger(__name__)
 
-#: The demo model's UNet: SD1.5's block layout with few channels, 8x8 latents at 64 px.
-DEMO_UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=1,
-    block_out_channels=(32, 64, 64, 64),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=64,
-    attention_head_dim=8,
-    # several channels per group: one channel a group would normalise away each channel's mean,
-    # which is what carries a flat background's colour
-    norm_num_groups=8,
-)
-#: The demo model's VAE: downsamples by 8 to 4 channels, like SD1.5's.
-DEMO_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    layers_per_block=1,
-    sample_size=64,
-    block_out_channels=(32, 32, 64, 64),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    # one group: the normalisation keeps how the channels differ, so flat colours survive it
-    norm_num_groups=1,
-)
-DEMO_CLIP = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-)
+#: The demo model's UNet: the tiny test model's (SD1.5's block layout, few channels, 8x8 latents
+#: at 64 px) with a wider text context, and several channels per norm group: one channel a group
+#: normalises away each channel's mean, which is what carries a flat background's colour.
+DEMO_UNET = {**TINY_UNET, "cross_attention_dim": 64, "attention_head_dim": 8, "norm_num_groups": 8}
+#: The demo model's VAE: the tiny test model's (downsamples by 8 to 4 channels, like SD1.5's) with
+#: one norm group, so the normalisation keeps how the channels differ and flat colours survive it.
+DEMO_VAE = {**TINY_VAE, "norm_num_groups": 1}
+#: The demo model's text encoder: the tiny test model's, twice as wide.
+DEMO_CLIP = {**TINY_CLIP, "hidden_size": 64, "intermediate_size": 128}
 
 
 @dataclass
