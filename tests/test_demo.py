@@ -129,3 +129,20 @@ def test_the_comparison_grid_puts_the_base_row_over_the_lora_row() -> None:
     assert grid.size == (48 + 2 * 16, 2 * 16)
     assert grid.getpixel((48 + 3, 3)) == COLOURS["red"]
     assert grid.getpixel((48 + 3, 16 + 3)) == COLOURS["blue"]
+
+
+def test_the_loss_curve_is_written_without_switching_matplotlib_backend(tmp_path: Path) -> None:
+    """A notebook trains in-process: its inline plots must keep working after the report."""
+    import matplotlib
+
+    from lightning_lora.callbacks.style_report import plot_loss_curve
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        plot_loss_curve([1.0 / (i + 1) for i in range(40)], tmp_path / "loss.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    with Image.open(tmp_path / "loss.png") as png:
+        assert png.format == "PNG" and png.width > 300

@@ -154,13 +154,12 @@ def plot_loss_curve(losses: Sequence[float], path: Path, window: int = 20) -> No
         path: The PNG to write.
         window: Steps of the moving average.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # matplotlib's Figure, not pyplot: no global backend switch in a notebook that trains in-process
+    from matplotlib.figure import Figure
 
     steps = range(1, len(losses) + 1)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
     ax.plot(steps, losses, color="0.75", linewidth=0.8, label="step loss")
     if len(losses) >= window:
         kernel = torch.ones(window) / window
@@ -173,4 +172,3 @@ def plot_loss_curve(losses: Sequence[float], path: Path, window: int = 20) -> No
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
