@@ -146,3 +146,30 @@ def test_the_loss_curve_is_written_without_switching_matplotlib_backend(tmp_path
         matplotlib.use(before)
     with Image.open(tmp_path / "loss.png") as png:
         assert png.format == "PNG" and png.width > 300
+
+
+def test_the_base_row_switches_off_the_unet_and_text_encoder_loras(make_cfg) -> None:
+    from lightning_lora.callbacks.style_report import adapters_disabled
+    from lightning_lora.generate import add_loras, load_pipeline
+    from lightning_lora.train import train
+
+    # a UNet + text encoder LoRA on the tiny model, loaded back from its exported file
+    result = train(make_cfg("lora.text_encoder.enabled=true", "trainer.max_epochs=1"))
+    pipe = load_pipeline(make_cfg().model.pretrained_model_name_or_path)
+    add_loras(pipe, [result.lora.diffusers])
+    ids = pipe.tokenizer(["a house"], padding="max_length", return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        context = pipe.text_encoder(ids)[0]
+        with_lora = pipe.unet(latents, 500, context).sample
+        with adapters_disabled(pipe.unet, pipe.text_encoder):
+            base_context = pipe.text_encoder(ids)[0]
+            base = pipe.unet(latents, 500, base_context).sample
+        again = pipe.unet(latents, 500, pipe.text_encoder(ids)[0]).sample
+    assert not torch.allclose(base_context, context)  # the text encoder's LoRA was off too
+    assert not torch.allclose(base, with_lora)
+    torch.testing.assert_close(again, with_lora)  # and both are back on afterwards
+    clean = load_pipeline(make_cfg().model.pretrained_model_name_or_path)
+    with torch.no_grad():
+        reference = clean.unet(latents, 500, clean.text_encoder(ids)[0]).sample
+    torch.testing.assert_close(base, reference)

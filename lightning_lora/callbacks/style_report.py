@@ -1,7 +1,7 @@
 """The end-of-training style report: base model against LoRA, side by side and measured.
 
-At the end of fit it generates the same prompts at the same seeds twice, with the LoRA off (scale
-0: the base model) and on, and writes:
+At the end of fit it generates the same prompts at the same seeds twice, with every LoRA adapter
+off (the base model; a trained text encoder's LoRA too) and on, and writes:
 
 - ``base_vs_lora.png``: a row of base samples over a row of LoRA samples;
 - ``loss_curve.png``: the training loss of every step and its moving average;
@@ -12,14 +12,16 @@ At the end of fit it generates the same prompts at the same seeds twice, with th
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image, ImageDraw
 
 from lightning_lora.image_folder import find_style_images, load_rgb
@@ -89,16 +91,20 @@ class StyleReportCallback(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         resolution = self.resolution or getattr(trainer.datamodule, "resolution", 512)
         rows = {}
-        for name, scale in (("base", 0.0), ("lora", 1.0)):
-            rows[name] = sample_images(
-                pl_module,
-                self.prompts,
-                resolution,
-                self.num_inference_steps,
-                self.guidance_scale,
-                self.seed,
-                lora_scale=scale,
-            )
+        models = (pl_module.unet, pl_module.text_encoder)
+        for name, context in (
+            ("base", adapters_disabled(*models)),
+            ("lora", contextlib.nullcontext()),
+        ):
+            with context:
+                rows[name] = sample_images(
+                    pl_module,
+                    self.prompts,
+                    resolution,
+                    self.num_inference_steps,
+                    self.guidance_scale,
+                    self.seed,
+                )
         style = [load_rgb(item.path) for item in find_style_images(self.style_dir, "", "")]
         self.distances = {
             f"style_distance/{name}": style_distance(images, style) for name, images in rows.items()
@@ -120,6 +126,26 @@ class StyleReportCallback(L.Callback):
     def summary(self) -> dict[str, float]:
         """The run-summary figures: the two style distances (empty before fit ends)."""
         return dict(self.distances)
+
+
+@contextlib.contextmanager
+def adapters_disabled(*models: torch.nn.Module) -> Iterator[None]:
+    """Switch off every PEFT adapter layer of the models (the UNet's and a text encoder's LoRA).
+
+    Args:
+        models: Models holding PEFT tuner layers.
+
+    Yields:
+        Nothing; the adapters are back on afterwards.
+    """
+    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def labelled_grid(
