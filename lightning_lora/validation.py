@@ -121,7 +121,6 @@ def sample_images(
     steps: int,
     guidance_scale: float,
     seed: int,
-    lora_scale: float | None = None,
 ) -> list[Image.Image]:
     """Generate with the module being trained, then put it back as it was for training.
 
@@ -135,7 +134,6 @@ def sample_images(
         steps: Denoising steps.
         guidance_scale: Classifier-free guidance scale.
         seed: Seed of the noise (per prompt: ``seed + index``).
-        lora_scale: Scale of the LoRA (0 gives the base model's image); ``None`` keeps it.
 
     Returns:
         The images.
@@ -157,9 +155,7 @@ def sample_images(
     weights = getattr(pl_module, "evaluation_weights", contextlib.nullcontext)
     try:
         with weights():
-            return generate(
-                pipe, prompts, resolution, steps, guidance_scale, seed, lora_scale=lora_scale
-            )
+            return generate(pipe, prompts, resolution, steps, guidance_scale, seed)
     finally:
         pl_module.unet.train(was_training[0])
         pl_module.text_encoder.train(was_training[1])
