@@ -1,4 +1,4 @@
-"""The project's benchmarks: ``lightning-lora-bench`` (``python -m benchmarks``) and scripts.
+"""The project's benchmarks (``python -m benchmarks``, from the repository root) and scripts.
 
 Modules of the speed benchmark: :mod:`benchmarks.bench` (the command line), ``runner`` (the run
 loop and one method per recipe), ``cases`` (the case specs), ``baseline`` (diffusers' recipe

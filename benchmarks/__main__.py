@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: the same as ``lightning-lora-bench``."""
+"""``python -m benchmarks``: the training-step benchmark (:mod:`benchmarks.bench`)."""
 
 import sys
 

@@ -235,7 +235,7 @@ def time_baseline(
         ``step_s``, ``samples_per_s``, ``peak_gib`` (CUDA), ``losses`` (every step) and the
         precision used.
     """
-    from lightning_lora.models import load_components
+    from lightning_lora.training.models import load_components
 
     settings = dataclasses.replace(settings or RecipeSettings(), gradient_checkpointing=grad_ckpt)
     dtype = settings.weight_dtype(torch.device(device))

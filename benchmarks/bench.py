@@ -1,4 +1,4 @@
-"""``lightning-lora-bench`` (``python -m benchmarks``): our training step against diffusers' recipe.
+"""``python -m benchmarks`` (from the repository root): our training step against diffusers' recipe.
 
 Rows: ``baseline`` (the project's implementation of the training step of diffusers'
 ``train_text_to_image_lora.py``, the default comparison), ``reference`` (the shared
@@ -9,15 +9,15 @@ steps of a real ``train(cfg)``) and ``job`` (a whole warm-worker job). See
 
 The model has SD1.5's architecture (or, with ``--tiny``, the default on a CPU, its layout with few
 channels) and random weights, saved once as a diffusers folder and loaded through
-:func:`lightning_lora.models.load_components` like a real model. MFU is model FLOPs (UNet forward
+:func:`lightning_lora.training.models.load_components` like a real model. MFU is model FLOPs (UNet forward
 plus LoRA-training backward, counted on the meta device) times samples/s over the device's
 matrix rate (``--peak-tflops``; 790 TFLOP/s, the bf16 rate measured on this project's H200s).
 
 Examples::
 
-    lightning-lora-bench                                # CUDA: SD1.5 shapes, b4 and b16
-    lightning-lora-bench --tiny --batch-sizes 2 --steps 3 --warmup 1 --json bench.json
-    lightning-lora-bench --case base:4:gc --case ours:4:gc --case ours:4:regional
+    python -m benchmarks                                # CUDA: SD1.5 shapes, b4 and b16
+    python -m benchmarks --tiny --batch-sizes 2 --steps 3 --warmup 1 --json bench.json
+    python -m benchmarks --case base:4:gc --case ours:4:gc --case ours:4:regional
         --case job:4:regional:images=20:epochs=100 --json bench.json   # (one line)
 """
 
@@ -33,15 +33,15 @@ from collections.abc import Sequence
 
 from benchmarks.cases import PRECISIONS, Case, parse_case
 from benchmarks.runner import run
-from lightning_lora.compilation import COMPILE_MODES
+from lightning_lora.training.compilation import COMPILE_MODES
 
 __all__ = ["Case", "build_parser", "main", "parse_case"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``lightning-lora-bench``."""
+    """The command line of ``python -m benchmarks``."""
     p = argparse.ArgumentParser(
-        prog="lightning-lora-bench",
+        prog="python -m benchmarks",
         description="Time the project's LoRA training step against diffusers' recipe.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("Examples::", 1)[1] if __doc__ else None,
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run, print the tables, write ``--json``; exit status 1 when a case failed."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("lightning.pytorch", "lightning.fabric", "lightning_lora.data"):
+    for noisy in ("lightning.pytorch", "lightning.fabric", "lightning_lora.data.datamodule"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(eval mode|does not have many workers).*")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

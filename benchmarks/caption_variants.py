@@ -37,9 +37,9 @@ def measure(images: int, epochs: int, batch: int, resolution: int, device: str) 
     import torch
     from peft import LoraConfig
 
-    from lightning_lora.captions import CaptionSettings, caption_variant
-    from lightning_lora.models import load_components, tiny_model_path
-    from lightning_lora.module import LoRAModule
+    from lightning_lora.data.captions import CaptionSettings, caption_variant
+    from lightning_lora.training.models import load_components, tiny_model_path
+    from lightning_lora.training.module import LoRAModule
 
     torch.manual_seed(0)
     components = load_components(tiny_model_path())

@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_lora.compilation import COMPILE_MODES
+from lightning_lora.training.compilation import COMPILE_MODES
 
 #: Recipes: the project's own implementation of diffusers' recipe (``baseline``, the default
 #: column), the shared reference file (``reference``, a cross-check when present), our training

@@ -32,7 +32,7 @@ def measure() -> dict:
     """Run the shapes through the compiled tiny UNet and count the graphs."""
     import torch
 
-    from lightning_lora.models import load_components, tiny_model_path
+    from lightning_lora.training.models import load_components, tiny_model_path
 
     unet = load_components(tiny_model_path()).unet
     graphs: list[int] = []

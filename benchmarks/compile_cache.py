@@ -4,7 +4,7 @@ Run by hand (minutes on a CPU; the GPU figures come from ``gpu_run.sh``'s compil
 
     .venv/bin/python benchmarks/compile_cache.py --mode regional --mode default --json cc.json
 
-For each compile mode, three fresh processes run the same ``ours`` case of ``lightning-lora-bench``
+For each compile mode, three fresh processes run the same ``ours`` case of ``python -m benchmarks``
 (``--tiny`` on a CPU; SD1.5 shapes on a GPU) with ``module.compile_cache_dir``:
 
 1. **cold**: an empty cache folder (what every process paid before);

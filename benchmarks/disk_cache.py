@@ -36,9 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 _CHILD = """
 import json, resource, sys, time
 import psutil
-from lightning_lora.data import StyleDataModule
-from lightning_lora.models import tiny_model_path
-from lightning_lora.train import compose_config, train
+from lightning_lora.data.datamodule import StyleDataModule
+from lightning_lora.training.models import tiny_model_path
+from lightning_lora.config import compose_config
+from lightning_lora.training.run import train
 
 image_dir, out_dir, cache_dir, steps, resolution = sys.argv[1:6]
 tiny_model_path()

@@ -30,7 +30,7 @@ from tests.support.images import write_solid_png  # noqa: E402
 _CHILD = """
 import json, resource, sys, time
 import psutil
-from lightning_lora.data import StyleDataModule
+from lightning_lora.data.datamodule import StyleDataModule
 baseline = psutil.Process().memory_info().rss
 start = time.perf_counter()
 dm = StyleDataModule(sys.argv[1], resolution=int(sys.argv[2]))

@@ -167,8 +167,8 @@ def _service_times(logs: Path) -> list[float]:
 def _prepare_assets(cache: Path) -> list[Path]:
     """Build the tiny model and two demo images in ``cache`` (idempotent)."""
     os.environ["LIGHTNING_LORA_CACHE"] = str(cache)
-    from lightning_lora.demo import make_demo_images
-    from lightning_lora.models import tiny_model_path
+    from lightning_lora.demo.images import make_demo_images
+    from lightning_lora.training.models import tiny_model_path
 
     tiny_model_path(cache)
     return sorted(make_demo_images(cache / "demo-style-load").glob("*.png"))[:2]
@@ -196,7 +196,7 @@ def run_load(
     Returns:
         The measurements and checks.
     """
-    from lightning_lora.models import default_cache_dir
+    from lightning_lora.training.models import default_cache_dir
 
     cache = Path(cache_dir or os.environ.get("LIGHTNING_LORA_CACHE") or default_cache_dir())
     images = _prepare_assets(cache)

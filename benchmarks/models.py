@@ -6,11 +6,11 @@ blocks, two layers per block: 16 transformer blocks and 22 ResNet blocks in the 
 * ``sd15``: SD1.5's sizes (the ``config.json`` files of ``stable-diffusion-v1-5``: UNet channels
   320/640/1280/1280 with 768-wide cross-attention, the 4-level VAE with 128-512 channels, the
   12-layer 768-wide CLIP-L text encoder).
-* ``tiny``: the project's tiny test model (:mod:`lightning_lora.models`) with SD1.5's two layers
+* ``tiny``: the project's tiny test model (:mod:`lightning_lora.training.models`) with SD1.5's two layers
   per block, so that regional compilation sees as many repeated blocks as on the real model.
 
 Weights are random (seed 0); folders are saved once and loaded with
-:func:`lightning_lora.models.load_components` like a real model.
+:func:`lightning_lora.training.models.load_components` like a real model.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from benchmarks.timers import free_memory
-from lightning_lora import models
+from lightning_lora.training import models
 
 #: Bump when a model folder's build changes, so stale folders are not reused.
 MODEL_FOLDER_VERSION = "v2"
@@ -84,7 +84,7 @@ def build_model_folder(dest: Path, tiny: bool, dtype: torch.dtype, device: str) 
         device: Where the random initialisation runs (a GPU initialises SD1.5 in seconds).
 
     Returns:
-        ``dest``, loadable with :func:`lightning_lora.models.load_components`.
+        ``dest``, loadable with :func:`lightning_lora.training.models.load_components`.
     """
     if (dest / "model_index.json").exists():
         return dest

@@ -7,7 +7,7 @@ All cases run in one process on one device, after warm-up:
   step, fp16 with a GradScaler, AdamW over the LoRA parameters), on a private copy of the model.
 * **reference**: the shared ``sd15_lora_reference.py`` when it is found (a cross-check column of
   the baseline; skipped in a clone without it).
-* **ours**: a real ``lightning_lora.train.train(cfg)`` run (Hydra config, ``Trainer.fit``,
+* **ours**: a real ``lightning_lora.training.run.train(cfg)`` run (Hydra config, ``Trainer.fit``,
   ``LoRAModule.training_step``, Lightning's optimizer step with gradient clipping, logging and
   callbacks) over cached latents of a synthetic image folder. A callback synchronises the device
   and reads the clock at the start of step ``warmup + 1`` and at the end of step
@@ -202,7 +202,8 @@ class Bench:
     # ------------------------------------------------------------------ ours
     def run_ours(self, case: Case) -> dict[str, Any]:
         """Time steps of a real ``train(cfg)`` run."""
-        from lightning_lora.train import compose_config, train
+        from lightning_lora.config import compose_config
+        from lightning_lora.training.run import train
 
         images = self.images(case.batch_size * self.steps_per_epoch)
         audit = self.audit_steps if self.cuda else 0
@@ -261,7 +262,8 @@ class Bench:
     # ------------------------------------------------------------------ a whole job
     def run_job(self, case: Case) -> dict[str, Any]:
         """Run a whole job as a warm worker would and split its wall time into phases."""
-        from lightning_lora.train import compose_config, train
+        from lightning_lora.config import compose_config
+        from lightning_lora.training.run import train
 
         images = self.images(case.images)
         overrides = [*self.overrides(case, images), f"trainer.max_epochs={case.epochs}"]
@@ -359,7 +361,7 @@ def _cases(args: argparse.Namespace, device: str, precisions: list[str]) -> list
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark described by parsed CLI arguments and return the JSON document."""
-    from lightning_lora.train import package_versions
+    from lightning_lora.training.provenance import package_versions
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     tiny = args.tiny or (device == "cpu" and not args.full)

@@ -10,18 +10,18 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from lightning_lora.resolvers import register_resolvers
+from lightning_lora.config import register_resolvers
 
 __version__ = "0.1.0"
 
 register_resolvers()
 
 _LAZY = {
-    "train": "lightning_lora.train",
-    "TrainResult": "lightning_lora.train",
-    "compose_config": "lightning_lora.train",
-    "load_components": "lightning_lora.models",
-    "tiny_model_path": "lightning_lora.models",
+    "train": "lightning_lora.training.run",
+    "TrainResult": "lightning_lora.training.run",
+    "compose_config": "lightning_lora.config",
+    "load_components": "lightning_lora.training.models",
+    "tiny_model_path": "lightning_lora.training.models",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,11 +1,33 @@
-"""Errors that carry the failure code reported to the platform backend.
+"""Errors that carry the failure code reported to the platform backend, and the one rule.
 
 Every error raised on purpose by lightning_lora derives from :class:`LightningLoraError` and has
 an ``error_code`` that the failure webhook sends as ``error_code`` (see README, "Failure codes").
 Anything else that escapes a training is reported as ``TRAINING_FAILED``.
+
+Whether an exception fails a job or sends it back to the queue is decided in one place,
+:func:`disposition_of`: every caller (the job's report, the runner, the worker) asks it.
 """
 
 from __future__ import annotations
+
+import dataclasses
+
+__all__ = [
+    "DatasetError",
+    "Disposition",
+    "DownloadError",
+    "InvalidImageError",
+    "InvalidMessageError",
+    "JobCrashedError",
+    "JobInterrupted",
+    "LightningLoraError",
+    "NonFiniteLossError",
+    "PreconditionFailedError",
+    "StorageUnavailableError",
+    "UploadError",
+    "disposition_of",
+    "project_error",
+]
 
 
 class LightningLoraError(Exception):
@@ -50,26 +72,6 @@ class NonFiniteLossError(LightningLoraError, FloatingPointError):
     error_code = "NON_FINITE_LOSS"
 
 
-def error_code_of(exc: BaseException) -> str:
-    """Return the backend failure code for an exception.
-
-    Args:
-        exc: Any exception raised while running a job.
-
-    Returns:
-        The exception's ``error_code`` if it is a :class:`LightningLoraError` (or wraps one as
-        its ``__cause__``), else ``"TRAINING_FAILED"``.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, LightningLoraError):
-            return current.error_code
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return LightningLoraError.error_code
-
-
 class JobInterrupted(LightningLoraError):
     """The worker is shutting down: the job checkpointed and goes back to the queue.
 
@@ -98,3 +100,61 @@ class PreconditionFailedError(LightningLoraError):
     """A conditional S3 write lost its race (``If-None-Match``/``If-Match`` answered 412)."""
 
     error_code = "TRAINING_FAILED"
+
+
+_REQUEUED = (JobInterrupted, StorageUnavailableError)
+"""Not the job's fault: a shutdown, or S3 down for the whole retry budget."""
+
+
+def project_error(exc: BaseException) -> LightningLoraError | None:
+    """The first :class:`LightningLoraError` of ``exc``'s chain, or ``None``.
+
+    The chain is ``exc``, then each ``__cause__`` (``raise ... from``) or, without one,
+    ``__context__`` (an error raised while handling another), as Python prints it.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, LightningLoraError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Disposition:
+    """What a job's exception means for the job.
+
+    Attributes:
+        requeue: Put the job back on the queue and report nothing (a shutdown, S3 down);
+            otherwise the job failed and gets one failure report.
+        error_code: The failure code to report (``None`` when requeued).
+        error: The project error that decided, if the chain has one.
+    """
+
+    requeue: bool
+    error_code: str | None
+    error: LightningLoraError | None
+
+
+def disposition_of(exc: BaseException) -> Disposition:
+    """Fail with a code, or requeue: the one rule for every exception of a job.
+
+    The first :class:`LightningLoraError` of the chain (:func:`project_error`) decides: a
+    :class:`JobInterrupted` or :class:`StorageUnavailableError` requeues the job (also when
+    another error was raised while handling it: S3 being down caused it), any other fails it with
+    its ``error_code``. An exception with no project error in its chain fails the job as
+    ``TRAINING_FAILED``.
+
+    Args:
+        exc: What ended the job.
+
+    Returns:
+        The disposition.
+    """
+    error = project_error(exc)
+    if isinstance(error, _REQUEUED):
+        return Disposition(requeue=True, error_code=None, error=error)
+    code = error.error_code if error is not None else LightningLoraError.error_code
+    return Disposition(requeue=False, error_code=code, error=error)

@@ -73,7 +73,9 @@ PROMPTS = [
         """
 from omegaconf import OmegaConf
 
-from lightning_lora.train import compose_config, train
+from lightning_lora.config import compose_config
+
+from lightning_lora.training.run import train
 
 cfg = compose_config(OVERRIDES, output_dir=OUTPUT_DIR)
 print(OmegaConf.to_yaml(cfg.lora))
@@ -129,8 +131,8 @@ display(Image(filename=str(result.output_dir / "samples" / "base_vs_lora.png")))
     (
         "code",
         """
-from lightning_lora.generate import load_pipeline
-from lightning_lora.validation import generate, make_grid
+from lightning_lora.training.inference import load_pipeline
+from lightning_lora.training.inference import generate, make_grid
 
 pipe = load_pipeline(cfg.model.pretrained_model_name_or_path)
 pipe.load_lora_weights(
@@ -155,7 +157,7 @@ SWEEP_ANALYSIS = [
 # Sweep analysis
 
 Reads a `lightning-lora-train -m ...` multirun folder and compares its runs with
-`lightning_lora.sweep_report` (the same report the multirun writes at its end). Set
+`lightning_lora.tools.sweep_report` (the same report the multirun writes at its end). Set
 `MULTIRUN_DIR` below (or the `LIGHTNING_LORA_MULTIRUN_DIR` environment variable); without one,
 the notebook runs a two-run tiny sweep on the demo's pretrained model itself:
 
@@ -184,7 +186,7 @@ EXAMPLE_SWEEP = [
     (
         "code",
         """
-from lightning_lora import sweep_report
+from lightning_lora.tools import sweep_report
 
 if MULTIRUN_DIR and sweep_report.find_run_dirs(MULTIRUN_DIR):
     multirun_dir = Path(MULTIRUN_DIR)

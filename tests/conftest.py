@@ -47,7 +47,7 @@ def ll_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(ll_cache: Path) -> str:
     """Path of the tiny SD1.5-shaped model (built on first use)."""
-    from lightning_lora.models import tiny_model_path
+    from lightning_lora.training.models import tiny_model_path
 
     return tiny_model_path(ll_cache)
 
@@ -55,7 +55,7 @@ def tiny_model(ll_cache: Path) -> str:
 @pytest.fixture(scope="session")
 def demo_images(ll_cache: Path) -> Path:
     """The demo style folder (8 images, half with captions)."""
-    from lightning_lora.demo import make_demo_images
+    from lightning_lora.demo.images import make_demo_images
 
     return make_demo_images(ll_cache / "demo-style-test")
 
@@ -77,6 +77,6 @@ def make_cfg(tmp_path: Path, tiny_model: str, demo_images: Path) -> Callable[...
 @functools.lru_cache(maxsize=128)
 def composed(*overrides: str, config_name: str = "train") -> DictConfig:
     """A config composed once per set of overrides (callers deep-copy it before changing it)."""
-    from lightning_lora.train import compose_config
+    from lightning_lora.config import compose_config
 
     return compose_config(list(overrides), config_name=config_name)

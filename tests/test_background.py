@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from lightning_lora.background import LatestOnlyWorker
+from lightning_lora.clients.background import LatestOnlyWorker
 
 
 class _Gate:

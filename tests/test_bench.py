@@ -34,11 +34,12 @@ from diffusers.training_utils import compute_snr
 from hydra.utils import instantiate
 
 from benchmarks import baseline, bench, models, report
-from lightning_lora import compilation
-from lightning_lora.models import SD15_SCHEDULER, load_components
-from lightning_lora.module import LoRAModule
-from lightning_lora.text_encoder import build_lora_configs
-from lightning_lora.train import BF16_OVERRIDE, precision_info, train
+from lightning_lora.lora.text_encoder import build_lora_configs
+from lightning_lora.training import compilation
+from lightning_lora.training.models import SD15_SCHEDULER, load_components
+from lightning_lora.training.module import LoRAModule
+from lightning_lora.training.precision import BF16_OVERRIDE, precision_info
+from lightning_lora.training.run import train
 
 pytestmark = pytest.mark.slow  # compiles and trains: make test, not make test-fast
 
@@ -458,7 +459,7 @@ def test_compile_artifacts_let_a_fresh_cache_folder_skip_the_compile(
 _KEY_SCRIPT = """
 import torch
 from peft import LoraConfig
-from lightning_lora.compilation import CompileCache
+from lightning_lora.training.compilation import CompileCache
 model = torch.nn.Linear(4, 4)
 targets = ["to_q", "to_k", "to_v", "to_out.0"]
 model.peft_config = {"default": LoraConfig(r=4, target_modules=targets)}
@@ -564,7 +565,7 @@ def test_fused_adamw_is_clipped_under_bf16(make_cfg) -> None:
 def test_run_info_records_the_effective_precision(make_cfg, caplog) -> None:
     """16-mixed on a CPU is Lightning's bf16-mixed: that, and bf16 frozen weights, are recorded."""
     cfg = make_cfg("trainer.precision=16-mixed", "trainer.max_epochs=1")
-    with caplog.at_level(logging.INFO, logger="lightning_lora.train"):
+    with caplog.at_level(logging.INFO, logger="lightning_lora.training.run"):
         result = train(cfg)
     info = json.loads((result.output_dir / "run_info.json").read_text())
     assert info["precision"] == "bf16-mixed" and info["requested_precision"] == "16-mixed"

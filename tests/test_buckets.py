@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data.distributed import DistributedSampler
 
-from lightning_lora.buckets import (
+from lightning_lora.data.buckets import (
     BatchRequest,
     BucketBatchSampler,
     BucketSettings,
@@ -22,7 +22,7 @@ from lightning_lora.buckets import (
     fit_size,
     make_buckets,
 )
-from lightning_lora.data import StyleDataModule, load_training_image, preprocess
+from lightning_lora.data.datamodule import StyleDataModule, load_training_image, preprocess
 from lightning_lora.errors import DatasetError
 
 
@@ -232,7 +232,7 @@ def test_bucket_table_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture
         resolution=64,
         bucketing={"step": 16},
     )
-    with caplog.at_level(logging.INFO, logger="lightning_lora.data"):
+    with caplog.at_level(logging.INFO, logger="lightning_lora.data.datamodule"):
         dm.setup("fit")
     assert "2 bucket(s)" in caplog.text
     assert "80x48" in caplog.text and "48x80" in caplog.text
@@ -250,7 +250,7 @@ def test_worker_config_trains_bucketed() -> None:
 def test_bucketed_run_records_bucket_info_in_summary_and_lora(make_cfg, tmp_path: Path) -> None:
     from safetensors import safe_open
 
-    from lightning_lora.train import train
+    from lightning_lora.training.run import train
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -24,6 +24,7 @@ import lightning as L
 import pytest
 import torch
 
+from lightning_lora.callbacks.progress import ProgressCallback
 from lightning_lora.callbacks.s3_checkpoint import (
     S3CheckpointCallback,
     checkpoint_name,
@@ -32,15 +33,16 @@ from lightning_lora.callbacks.s3_checkpoint import (
     parse_checkpoint_name,
 )
 from lightning_lora.callbacks.vram import VramCallback
-from lightning_lora.callbacks.webhook import WebhookCallback
-from lightning_lora.clients.storage import S3Storage, checkpoint_prefix, kohya_key, model_key
+from lightning_lora.clients.contract import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
+from lightning_lora.clients.storage import S3Storage
 from lightning_lora.clients.webhook_client import WebhookClient
-from lightning_lora.clients.webhook_payloads import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
 from lightning_lora.clients.webhook_sender import WebhookSender
+from lightning_lora.config import compose_config
 from lightning_lora.errors import InvalidImageError, UploadError
-from lightning_lora.job_report import JobReport
-from lightning_lora.reporting import build_sender, report_completion, run_reported_training
-from lightning_lora.train import TrainResult, compose_config, train
+from lightning_lora.jobs.layout import checkpoint_prefix, kohya_key, model_key
+from lightning_lora.jobs.report import JobReport, webhook_client
+from lightning_lora.jobs.runner import report_completion, run_reported_training
+from lightning_lora.training.run import TrainResult, train
 from tests.conftest import TINY_OVERRIDES
 from tests.support.receiver import RecordedRequest, Reply, WebhookReceiver
 from tests.support.s3 import MotoS3Server, fake_aws_env
@@ -120,7 +122,8 @@ class Probe(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.storage is not None:
-            self.keys_during_training.append(list_checkpoints(self.storage, self.style_id))
+            prefix = checkpoint_prefix(self.style_id)
+            self.keys_during_training.append(list_checkpoints(self.storage, prefix))
 
 
 class Boom(L.Callback):
@@ -194,13 +197,11 @@ def production_run(
         root.addHandler(logs)
         root.setLevel(logging.DEBUG)
         try:
-            sender = build_sender(receiver.base_url, cfg, token=TOKEN)
+            report = JobReport(webhook_client(receiver.base_url, cfg, token=TOKEN), STYLE_ID)
             started = time.monotonic()
-            result = run_reported_training(
-                cfg, JobReport(sender, STYLE_ID), storage, callbacks=[probe]
-            )
+            result = run_reported_training(cfg, report, storage, callbacks=[probe])
             elapsed = time.monotonic() - started
-            sender.close()
+            report.close()
         finally:
             root.removeHandler(logs)
             root.setLevel(level)
@@ -361,17 +362,22 @@ def test_invalid_image_sends_one_failure_and_no_completion(
     assert set(failed.json) == {"style_id", "error_message", "error_code"}
 
 
-def test_exception_in_fit_sends_exactly_one_failure_from_on_exception(
-    make_cfg: Callable[..., Any], webhook_receiver: WebhookReceiver, all_logs: LogCapture
+def test_exception_in_fit_sends_exactly_one_failure_through_the_report(
+    make_cfg: Callable[..., Any],
+    webhook_receiver: WebhookReceiver,
+    s3_env: S3Storage,
+    all_logs: LogCapture,
 ) -> None:
-    cfg = make_cfg(*FAST, "trainer.max_epochs=2", *NO_LOGGER)
+    cfg = make_cfg(*FAST, "trainer.max_epochs=2", *NO_LOGGER, "reporting.webhook.interval_s=0")
     with sender_for(webhook_receiver) as sender:
-        webhook = WebhookCallback(sender, STYLE_ID, interval_s=0.0)
+        report = JobReport(sender, STYLE_ID)
         with pytest.raises(RuntimeError, match="boom") as info:
-            train(cfg, callbacks=[webhook, Boom(at_step=2, message=f"boom with {TOKEN}")])
-        assert webhook.terminal == "failed"
-        assert webhook.report_failure(info.value) is False  # a second report is refused
-        assert webhook.report_completion("s3://b/k", {"training_epochs": 1}) is False
+            run_reported_training(
+                cfg, report, s3_env, callbacks=[Boom(at_step=2, message=f"boom with {TOKEN}")]
+            )
+        assert report.terminal_kind == "failed"
+        assert report.fail(info.value) is False  # a second report is refused
+        assert report.complete("s3://b/k", {"training_epochs": 1}) is False
         assert sender.flush(10)
     requests = webhook_receiver.requests
     assert to(requests, COMPLETE_PATH) == []
@@ -392,7 +398,7 @@ def test_final_upload_failure_is_upload_failed_and_checkpoint_failures_only_warn
 ) -> None:
     missing = S3Storage(bucket=f"missing-{uuid.uuid4().hex[:12]}", retry_budget_s=0)
     cfg = make_cfg(*FAST, "trainer.max_epochs=2", *NO_LOGGER)
-    checkpoints = S3CheckpointCallback(missing, STYLE_ID, every_n_epochs=1)
+    checkpoints = S3CheckpointCallback(missing, checkpoint_prefix(STYLE_ID), every_n_epochs=1)
     caplog.set_level(logging.WARNING, logger="lightning_lora")
     with sender_for(webhook_receiver) as sender, pytest.raises(UploadError):
         # resume=False: listing a missing bucket would fail the job with DOWNLOAD_FAILED
@@ -422,9 +428,9 @@ def test_completion_is_retried_after_5xx_and_a_timeout(webhook_receiver: Webhook
     )
     cfg = compose_config(["model=tiny", "lora.rank=4", "lora.alpha=8"], output_dir=".")
     with sender_for(webhook_receiver, timeout_s=0.5) as sender:
-        webhook = WebhookCallback(sender, STYLE_ID)
-        assert report_completion(webhook, cfg, result, "s3://bucket/models/x.safetensors")
-        assert not report_completion(webhook, cfg, result, "s3://bucket/models/x.safetensors")
+        report = JobReport(sender, STYLE_ID)
+        assert report_completion(report, cfg, result, "s3://bucket/models/x.safetensors")
+        assert not report_completion(report, cfg, result, "s3://bucket/models/x.safetensors")
         assert sender.flush(20)
         stats = sender.stats
     attempts = to(webhook_receiver.requests, COMPLETE_PATH)
@@ -443,7 +449,7 @@ def test_hanging_receiver_does_not_stall_training_and_vram_works_without_logger(
     webhook_receiver.set_default(Reply(200, hang=True))
     cfg = make_cfg(*FAST, "trainer.max_epochs=2", *NO_LOGGER, output_dir=tmp_path / "hung")
     sender = sender_for(webhook_receiver, timeout_s=30.0)
-    webhook = WebhookCallback(sender, STYLE_ID, interval_s=0.0)  # a report after every step
+    webhook = ProgressCallback(JobReport(sender, STYLE_ID), interval_s=0.0)  # after every step
     vram = VramCallback(every_n_steps=1)
     try:
         result = train(cfg, callbacks=[webhook, vram])
@@ -475,7 +481,8 @@ def test_resume_from_the_newest_valid_s3_checkpoint(
     prefix = checkpoint_prefix(style)
     # 1st run: "killed" after 2 epochs (a checkpoint every epoch)
     first = make_cfg(*FAST, "trainer.max_epochs=2", *NO_LOGGER, output_dir=tmp_path / "one")
-    train(first, callbacks=[S3CheckpointCallback(storage, style, every_n_epochs=1, keep_last=2)])
+    prefix = checkpoint_prefix(style)
+    train(first, callbacks=[S3CheckpointCallback(storage, prefix, every_n_epochs=1, keep_last=2)])
     good = prefix + checkpoint_name(1, 4)
     assert storage.list_keys(prefix) == [prefix + checkpoint_name(0, 2), good]
     # newer but broken: garbage, and a truncated copy of the good one
@@ -485,13 +492,13 @@ def test_resume_from_the_newest_valid_s3_checkpoint(
     storage.client.put_object(Bucket=storage.bucket, Key=partial, Body=data[: len(data) // 2])
 
     caplog.set_level(logging.WARNING, logger="lightning_lora")
-    found = find_resume_checkpoint(storage, style, tmp_path / "dl")
+    found = find_resume_checkpoint(storage, prefix, tmp_path / "dl")
     assert found is not None and found.name == checkpoint_name(1, 4)
     skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
     assert len(skipped) == 2
     assert checkpoint_name(9, 99) in skipped[0] and checkpoint_name(8, 90) in skipped[1]
     # a checkpoint of another LoRA rank is not resumed from
-    assert find_resume_checkpoint(storage, style, tmp_path / "dl2", {"rank": 99}) is None
+    assert find_resume_checkpoint(storage, prefix, tmp_path / "dl2", {"rank": 99}) is None
 
     # 2nd run: 4 epochs, resumed through the worker's path
     second = make_cfg(*FAST, "trainer.max_epochs=4", *NO_LOGGER, output_dir=tmp_path / "two")

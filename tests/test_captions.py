@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_lora.buckets import BatchRequest
-from lightning_lora.captions import CaptionSettings, caption_variant, split_tags
-from lightning_lora.data import StyleDataModule, find_style_images
+from lightning_lora.data.buckets import BatchRequest
+from lightning_lora.data.captions import CaptionSettings, caption_variant, split_tags
+from lightning_lora.data.datamodule import StyleDataModule, find_style_images
 from lightning_lora.errors import DatasetError
 
 TAGS = "lldemo, 1girl, red hair, smile, outdoors, tree, sky, looking at viewer"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_lora.export import read_metadata
+from lightning_lora.lora.export import read_metadata
 from tests.conftest import TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_lora.data import (
+from lightning_lora.data.datamodule import (
     StyleDataModule,
     StyleImage,
     StyleImageDataset,
@@ -249,7 +249,7 @@ def test_load_training_image_keeps_the_safety_checks(tmp_path: Path) -> None:
 _PEAK_RSS_SCRIPT = """
 import json, resource, sys
 import psutil
-from lightning_lora.data import StyleDataModule
+from lightning_lora.data.datamodule import StyleDataModule
 baseline = psutil.Process().memory_info().rss
 dm = StyleDataModule(sys.argv[1], resolution=int(sys.argv[2]))
 dm.setup("fit")

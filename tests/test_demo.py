@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_lora.models import DEMO_MODEL_DIR, demo_model_path, load_components
-from lightning_lora.shapes import (
+from lightning_lora.demo.model import DEMO_MODEL_DIR, demo_model_path
+from lightning_lora.demo.shapes import (
     COLOURS,
     STYLE_PALETTE,
     WORDS,
@@ -23,6 +23,7 @@ from lightning_lora.shapes import (
     random_scene,
     style_distance,
 )
+from lightning_lora.training.models import load_components
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -65,7 +66,7 @@ def test_the_demo_vae_is_trained_it_reconstructs_unseen_scenes() -> None:
 
 
 def test_the_demo_base_model_paints_the_background_colour_its_prompt_names() -> None:
-    from lightning_lora.pretrain_tiny import check_colour_prompts
+    from lightning_lora.demo.pretrain import check_colour_prompts
 
     hits = check_colour_prompts(demo_model_path(), seeds=2)
     # chance is 1/8; every colour is asked for and most images must show it
@@ -89,7 +90,7 @@ def test_style_distance_tells_the_style_from_plain_scenes() -> None:
 
 
 def test_pretraining_writes_a_model_that_loads_like_sd15(tmp_path: Path) -> None:
-    from lightning_lora.pretrain_tiny import PretrainConfig, pretrain
+    from lightning_lora.demo.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(scenes=16, vae_steps=2, vae_batch=2, unet_steps=2, unet_batch=2)
     folder = pretrain(tmp_path / "model", cfg, check_prompts=False)
@@ -105,7 +106,8 @@ def test_pretraining_writes_a_model_that_loads_like_sd15(tmp_path: Path) -> None
 def test_the_demo_lora_moves_samples_at_least_30_percent_closer_to_the_style(
     tmp_path: Path, ll_cache: Path
 ) -> None:
-    from lightning_lora.train import compose_config, train
+    from lightning_lora.config import compose_config
+    from lightning_lora.training.run import train
 
     cfg = compose_config(
         ["experiment=demo", "trainer.enable_progress_bar=false"], output_dir=tmp_path
@@ -121,7 +123,7 @@ def test_the_demo_lora_moves_samples_at_least_30_percent_closer_to_the_style(
 
 
 def test_the_comparison_grid_puts_the_base_row_over_the_lora_row() -> None:
-    from lightning_lora.callbacks.style_report import labelled_grid
+    from lightning_lora.demo.style_report import labelled_grid
 
     red = Image.new("RGB", (8, 8), COLOURS["red"])
     blue = Image.new("RGB", (8, 8), COLOURS["blue"])
@@ -135,7 +137,7 @@ def test_the_loss_curve_is_written_without_switching_matplotlib_backend(tmp_path
     """A notebook trains in-process: its inline plots must keep working after the report."""
     import matplotlib
 
-    from lightning_lora.callbacks.style_report import plot_loss_curve
+    from lightning_lora.demo.style_report import plot_loss_curve
 
     before = matplotlib.get_backend()
     matplotlib.use("svg")
@@ -149,9 +151,9 @@ def test_the_loss_curve_is_written_without_switching_matplotlib_backend(tmp_path
 
 
 def test_the_base_row_switches_off_the_unet_and_text_encoder_loras(make_cfg) -> None:
-    from lightning_lora.callbacks.style_report import adapters_disabled
-    from lightning_lora.generate import add_loras, load_pipeline
-    from lightning_lora.train import train
+    from lightning_lora.demo.style_report import adapters_disabled
+    from lightning_lora.training.inference import add_loras, load_pipeline
+    from lightning_lora.training.run import train
 
     # a UNet + text encoder LoRA on the tiny model, loaded back from its exported file
     result = train(make_cfg("lora.text_encoder.enabled=true", "trainer.max_epochs=1"))

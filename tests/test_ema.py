@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightning_lora.train import train
+from lightning_lora.training.run import train
 
 
 def test_ema_updates_once_per_due_optimizer_step() -> None:
-    from lightning_lora.ema import LoraEMA
+    from lightning_lora.training.ema import LoraEMA
 
     p = torch.nn.Parameter(torch.zeros(3))
     ema = LoraEMA([p], decay=0.9, every_n_steps=2)

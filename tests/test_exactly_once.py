@@ -23,13 +23,13 @@ import lightning as L
 import pika
 import pytest
 
+from lightning_lora.clients.contract import COMPLETE_PATH, PROGRESS_PATH
 from lightning_lora.clients.webhook_client import verify_webhook
-from lightning_lora.clients.webhook_payloads import COMPLETE_PATH, PROGRESS_PATH
-from lightning_lora.job_report import error_message_of
-from lightning_lora.layout import lease_key, outcome_key
+from lightning_lora.jobs.layout import lease_key, outcome_key
+from lightning_lora.jobs.report import error_message_of
 from lightning_lora.worker.broker import BrokerSettings, publish_dead_letter
 from lightning_lora.worker.consumer import Consumer, Delivery
-from lightning_lora.worker.ledger import Holder
+from lightning_lora.worker.records import Holder
 from tests.support.broker import depth, get, running, wait_for
 from tests.test_worker import TOKEN, _job, _spawn_worker, _stop, _terminal, _wait_terminal, _worker
 from tests.test_worker import stack as stack
@@ -145,7 +145,7 @@ def _holder_proc(storage, procs: list, style_id: int) -> subprocess.Popen:
     keys = [k for k in storage.list_keys(f"checkpoints/style_{style_id}/") if "lease" in k]
     assert len(keys) == 1, keys
     record, _ = storage.get_json(keys[0])
-    holder = Holder.from_record(record["holder"])
+    holder = Holder.from_json(record["holder"])
     (proc,) = [p for p in procs if p.pid == holder.pid]
     return proc
 
@@ -253,7 +253,7 @@ def test_a_foreign_lease_is_waited_for_then_taken_over_when_it_expires(stack, ca
 
 
 def _key(body: dict) -> str:
-    from lightning_lora.layout import job_key_for
+    from lightning_lora.jobs.layout import job_key_for
 
     return job_key_for(None, json.dumps(body).encode())
 
@@ -347,14 +347,14 @@ def test_past_the_window_the_job_goes_to_the_dlq_named_in_the_log(stack, caplog)
 
 _JITTER_PROBE = """
 import json, lightning as L
-from lightning_lora.jitter import full_jitter
+from lightning_lora.clients.backoff import backoff_delay
 from lightning_lora.worker.broker import BrokerSettings
 from lightning_lora.worker.consumer import Consumer, Delivery
 from lightning_lora.clients.webhook_client import WebhookClient
 L.seed_everything(5, verbose=False)
 consumer = Consumer(BrokerSettings(), lambda d: None)
 client = WebhookClient("http://127.0.0.1:9")
-print(json.dumps([consumer._backoff_delay(3), client._backoff_s(3, None), full_jitter(3, 1, 60)]))
+print(json.dumps([consumer._backoff_delay(3), client._backoff_s(3, None), backoff_delay(3, 1, 60)]))
 """
 
 

@@ -9,8 +9,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from lightning_lora.export import read_metadata
-from lightning_lora.train import TrainResult, compose_config, train
+from lightning_lora.config import compose_config
+from lightning_lora.lora.export import read_metadata
+from lightning_lora.training.run import TrainResult, train
 from tests.conftest import TINY_OVERRIDES
 
 
@@ -49,8 +50,8 @@ def _pipe(tiny_model: str) -> StableDiffusionPipeline:
 
 def _trained_unet_out(tiny_model: str, result: TrainResult) -> torch.Tensor:
     """The UNet output with the LoRA as trained (from the peft state in the checkpoint)."""
-    from lightning_lora.lora import inject_lora, lora_config
-    from lightning_lora.models import load_components
+    from lightning_lora.lora.adapters import inject_lora, lora_config
+    from lightning_lora.training.models import load_components
 
     unet = load_components(tiny_model, reuse=False).unet
     inject_lora(unet, lora_config(rank=4, alpha=8, dropout=0.0), seed=0)

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from lightning_lora.buckets import BatchRequest
-from lightning_lora.data import StyleDataModule
-from lightning_lora.latent_cache import DiskLatentCache, MemoryLatentStore, module_fingerprint
+from lightning_lora.data.buckets import BatchRequest
+from lightning_lora.data.datamodule import StyleDataModule
+from lightning_lora.data.latent_cache import DiskLatentCache, MemoryLatentStore, module_fingerprint
 
 
 class CountingEncoders:
@@ -69,7 +69,7 @@ def test_second_run_reuses_the_shards_and_skips_encoding(tmp_path: Path) -> None
     shards = sorted(cache_dir.glob("shard-*.safetensors"))
     assert shards and not list(cache_dir.glob("*.tmp"))
     with safe_open(str(shards[0]), framework="pt") as f:
-        assert f.metadata()["format"] == "lightning_lora.latent_cache.v1"
+        assert f.metadata()["format"] == "lightning_lora.data.latent_cache.v1"
 
     second, enc2 = _datamodule(folder, cache_dir, random_flip=True), CountingEncoders()
     _build(second, enc2)

@@ -10,8 +10,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from lightning_lora.export import read_metadata
-from lightning_lora.train import train
+from lightning_lora.lora.export import read_metadata
+from lightning_lora.training.run import train
 
 pytestmark = pytest.mark.slow  # trains
 
@@ -76,8 +76,8 @@ def test_variant_exports_load_in_diffusers_as_trained(variant: str, make_cfg, ti
 
 
 def test_kohya_conversion_refuses_dora() -> None:
-    from lightning_lora.kohya import kohya_state_dict
-    from lightning_lora.lora import lora_config
+    from lightning_lora.lora.adapters import lora_config
+    from lightning_lora.lora.kohya import kohya_state_dict
 
     with pytest.raises(ValueError, match="diffusers format only"):
         kohya_state_dict({}, lora_config(use_dora=True))

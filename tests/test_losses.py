@@ -9,9 +9,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from lightning_lora.losses import debiased_weights, elementwise_loss, timestep_weights
-from lightning_lora.text_encoder import build_lora_configs
-from lightning_lora.timesteps import check_sampling, sample_timesteps
+from lightning_lora.lora.text_encoder import build_lora_configs
+from lightning_lora.training.losses import debiased_weights, elementwise_loss, timestep_weights
+from lightning_lora.training.timesteps import check_sampling, sample_timesteps
 
 T = 1000
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_lora.buckets import BatchRequest
-from lightning_lora.data import StyleDataModule
-from lightning_lora.masks import latent_weights, load_mask
+from lightning_lora.data.buckets import BatchRequest
+from lightning_lora.data.datamodule import StyleDataModule
+from lightning_lora.data.masks import latent_weights, load_mask
 
 
 def _half_alpha(path: Path, size=(64, 64)) -> Path:

@@ -200,7 +200,7 @@ def test_job_settings_are_the_numeric_fields_only() -> None:
     ["s3://My_Bucket/a.png", "s3://ab/a.png", "s3://192.168.0.1/a.png", "s3://bkt/dir/", "S3:/x"],
 )
 def test_message_urls_follow_the_same_rules_as_downloads(url: str) -> None:
-    from lightning_lora.layout import parse_s3_url
+    from lightning_lora.clients.s3_names import parse_s3_url
 
     with pytest.raises(InvalidMessageError, match=r"field 'image_urls\.0'"):
         parse_job(_body(image_urls=[url]))
@@ -224,8 +224,8 @@ def test_message_urls_follow_the_same_rules_as_downloads(url: str) -> None:
 def test_one_style_id_rule_for_the_schema_the_payloads_and_the_keys(
     style_id: object, valid: bool
 ) -> None:
-    from lightning_lora.clients.webhook_payloads import complete_payload, failed_payload
-    from lightning_lora.layout import model_key, outbox_key
+    from lightning_lora.clients.contract import complete_payload, failed_payload
+    from lightning_lora.jobs.layout import model_key, outbox_key
 
     metadata = {"training_epochs": 1, "lora_rank": 16, "lora_alpha": 32}
     checks = {

@@ -10,8 +10,8 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from lightning_lora.text_encoder import build_lora_configs
-from lightning_lora.train import train
+from lightning_lora.lora.text_encoder import build_lora_configs
+from lightning_lora.training.run import train
 from tests.conftest import TINY_OVERRIDES, composed
 
 CHOICES = ("adamw", "adamw_fused", "prodigy", "schedule_free", "adafactor")

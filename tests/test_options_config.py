@@ -7,8 +7,8 @@ import re
 import pytest
 from hydra.utils import instantiate
 
-from lightning_lora.text_encoder import build_lora_configs
-from lightning_lora.train import CONFIG_DIR, compose_config
+from lightning_lora.config import CONFIG_DIR, compose_config
+from lightning_lora.lora.text_encoder import build_lora_configs
 from lightning_lora.worker.cli import compose_worker_config
 
 OPTIONS = (
@@ -30,7 +30,7 @@ def test_the_new_options_compose_under_the_worker_config() -> None:
     cfg = compose_worker_config(["model=tiny", *OPTIONS])
     assert cfg.task_name == "worker" and "worker" in cfg  # still the worker's config
     module = cfg.module
-    assert module.optimizer._target_ == "lightning_lora.optimizers.prodigy"
+    assert module.optimizer._target_ == "lightning_lora.training.optimizers.prodigy"
     assert module.optimizer.lr == 1.0
     assert (module.loss, module.huber_c, module.timestep_sampling) == ("huber", 0.2, "logit_normal")
     assert module.debiased_estimation and module.ema.enabled and module.ema.device == "cpu"
@@ -53,10 +53,10 @@ def test_the_new_options_compose_under_the_worker_config() -> None:
 def test_a_dora_job_delivers_the_diffusers_file_only_and_drops_a_stale_kohya_file(
     s3_env, tmp_path
 ) -> None:
-    from lightning_lora.export import LoraFiles
-    from lightning_lora.layout import kohya_key, model_key
-    from lightning_lora.reporting import upload_final_lora
-    from lightning_lora.train import TrainResult
+    from lightning_lora.jobs.layout import kohya_key, model_key
+    from lightning_lora.jobs.runner import upload_final_lora
+    from lightning_lora.lora.export import LoraFiles
+    from lightning_lora.training.run import TrainResult
 
     assert compose_worker_config(["model=tiny", "lora.use_dora=true"]).lora.use_dora
     stale = tmp_path / "old_kohya.safetensors"

@@ -2,7 +2,7 @@ r"""The command lines the docs show are run or composed, so that none of them go
 
 Where the lines come from: every line of README.md's ``bash``/``sh``/``shell`` code blocks, the
 ``$ `` lines of its ``console`` blocks (a trailing ``\`` joins the next line), and the comment
-lines of ``.env.example`` and ``configs/worker.yaml`` that start with a command
+lines of ``.env.example`` and ``lightning_lora/configs/worker.yaml`` that start with a command
 (``#   lightning-lora-worker ...``). A line is split as the shell does (:mod:`shlex`): ``#``
 starts a comment, ``&&``, ``||``, ``;``, ``|`` and ``&`` separate commands, and leading
 ``NAME=value`` words are the command's environment.
@@ -22,7 +22,7 @@ How each kind of command is checked, and why:
   ``test_an_outdated_worker_line_fails`` adds that line to a scratch copy of the README's text,
   extracts it like the others and runs it through the CLI's ``main`` (in this process, the same
   function the script calls, to spare ~10 s), and the worker check must reject the result.
-* ``lightning-lora-train ...`` (and ``python -m lightning_lora.train ...``): composed in this
+* ``lightning-lora-train ...`` (and ``python -m lightning_lora.tools.train ...``): composed in this
   process with Hydra's compose API, the ``hydra`` node included (``return_hydra_config``, so
   ``hydra.sweeper.*`` and ``hydra/launcher=...`` are checked too). That is the composition
   ``--cfg job`` performs, without paying ~10 s of imports in a new process per line; composing
@@ -37,7 +37,7 @@ How each kind of command is checked, and why:
   CLI's own functions (``build_parser``, ``job_from_args``, ``parse_job``); the publishing step is
   left out because it needs a broker and changes its queues. ``--file job.json`` reads the
   README's JSON message (which must itself be a valid job).
-* ``lightning-lora-generate ...`` and ``lightning-lora-bench ...``: arguments parsed by the CLI's
+* ``lightning-lora-generate ...`` and ``python -m benchmarks ...``: arguments parsed by the CLI's
   own parser (bench ``--case`` specs by ``parse_case`` too). Running them would load SD1.5 or time
   training steps for minutes.
 * Every ``lightning-lora-*`` entry point named anywhere in those files (also those shown only in
@@ -56,7 +56,7 @@ How each kind of command is checked, and why:
 Besides the command lines: the backend-side receiver snippet must accept a webhook signed by
 the real client and refuse a tampered one, ``.env.example`` must be a valid worker environment
 whose every variable the README documents, and the "Repository layout" block must name every
-module and config group that exists (and nothing that does not).
+subpackage and top-level module of the package (and nothing that does not exist).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 README = ROOT / "README.md"
 ENV_EXAMPLE = ROOT / ".env.example"
-WORKER_YAML = ROOT / "configs" / "worker.yaml"
+WORKER_YAML = ROOT / "lightning_lora" / "configs" / "worker.yaml"
 SHELL_LANGS = frozenset({"bash", "sh", "shell", "console"})
 OPERATORS = frozenset({"&&", "||", ";", "|", "&"})
 SUBPROCESS_TIMEOUT_S = 300
@@ -98,18 +98,17 @@ ENTRY_POINTS = (
     "lightning-lora-worker",
     "lightning-lora-enqueue",
     "lightning-lora-generate",
-    "lightning-lora-bench",
     "lightning-lora-sweep-report",
 )
 MODULES = {
-    "lightning_lora.train": "lightning-lora-train",
+    "lightning_lora.tools.train": "lightning-lora-train",
     "lightning_lora.worker.cli": "lightning-lora-worker",
     "lightning_lora.worker.enqueue": "lightning-lora-enqueue",
-    "lightning_lora.generate": "lightning-lora-generate",
-    "benchmarks": "lightning-lora-bench",
-    "benchmarks.bench": "lightning-lora-bench",
-    "lightning_lora.sweep_report": "lightning-lora-sweep-report",
+    "lightning_lora.tools.generate": "lightning-lora-generate",
+    "lightning_lora.tools.sweep_report": "lightning-lora-sweep-report",
 }
+# ``python -m`` modules of the repository that no console script runs (not installed)
+REPO_MODULES = {"benchmarks": "bench", "benchmarks.bench": "bench"}
 HYDRA_APPS = frozenset({"lightning-lora-train"})
 NOT_RUN = {
     "cp": "shell set-up: writes a local .env",
@@ -175,7 +174,11 @@ class Command:
         entry = self.entry_point
         if entry is not None:
             return entry.removeprefix("lightning-lora-")
-        if Path(self.argv[0]).name == "make":
+        name = Path(self.argv[0]).name
+        python_m = re.fullmatch(r"python3?(\.\d+)?", name) and self.argv[1:2] == ("-m",)
+        if python_m and len(self.argv) > 2 and self.argv[2] in REPO_MODULES:
+            return REPO_MODULES[self.argv[2]]
+        if name == "make":
             return "make"
         if self.argv[0] in NOT_RUN:
             return "not-run"
@@ -260,7 +263,7 @@ def commands_of(readme: str, env_example: str, worker_yaml: str) -> list[Command
     lines = [
         *shell_lines_of_markdown(readme, "README.md"),
         *comment_commands(env_example, ".env.example"),
-        *comment_commands(worker_yaml, "configs/worker.yaml"),
+        *comment_commands(worker_yaml, "lightning_lora/configs/worker.yaml"),
     ]
     return [command for line in lines for command in split_commands(line)]
 
@@ -301,7 +304,7 @@ def _readme_block(lang: str, containing: str) -> str:
 
 
 def _config_dir() -> Path:
-    from lightning_lora.train import CONFIG_DIR
+    from lightning_lora.config import CONFIG_DIR
 
     return Path(CONFIG_DIR)
 
@@ -395,7 +398,8 @@ def check_generate_line(command: Command) -> None:
 
 def check_bench_line(command: Command) -> None:
     """Parse a bench line and each of its ``--case`` specs."""
-    bench = _entry_point_module("lightning-lora-bench")
+    from benchmarks import bench
+
     args = bench.build_parser().parse_args(list(command.args))
     for spec in args.case:
         bench.parse_case(spec)
@@ -511,7 +515,7 @@ def test_every_doc_command_has_a_check() -> None:
     )
     assert {"train", "worker", "enqueue", "generate", "bench", "make"} <= kinds, kinds
     sources = {c.where.split(":")[0] for c in _of_kind("worker")}
-    assert sources == {"README.md", ".env.example", "configs/worker.yaml"}, sources
+    assert sources == {"README.md", ".env.example", "lightning_lora/configs/worker.yaml"}, sources
 
 
 @pytest.mark.parametrize("command", _of_kind("train"), ids=_ids(_of_kind("train")))
@@ -696,42 +700,26 @@ def test_env_example_is_a_valid_worker_environment(tmp_path: Path) -> None:
     assert not undocumented, f".env.example sets variables the README omits: {undocumented}"
 
 
-def _layout_sections() -> dict[str, str]:
-    """The layout block's text by top-level folder (``lightning_lora``, ``configs``...)."""
-    block = DOC_TEXTS[0].split("## Repository layout", 1)[1].split("```", 2)[1]
-    sections: dict[str, str] = {}
-    current = ""
-    for line in block.splitlines():
-        top = re.match(r"^([\w.-]+)/", line)
-        if top:
-            current = top.group(1)
-            line = line[top.end() :]
-        if current:
-            sections[current] = sections.get(current, "") + line + "\n"
-    return sections
+def _layout_block() -> str:
+    """The "Repository layout" code block of the README."""
+    return DOC_TEXTS[0].split("## Repository layout", 1)[1].split("```", 2)[1]
 
 
 def test_layout_section_matches_the_tree() -> None:
-    sections = _layout_sections()
-    for folder, text in sections.items():
-        where = ROOT / folder
-        assert where.is_dir(), f"the layout names {folder}/, which does not exist"
-        for name in re.findall(r"[\w.-]+\.(?:py|yaml|sh|md|ipynb)\b", text):
-            assert any(where.rglob(name)), f"the layout names {folder}/.../{name}: not there"
-        for name in re.findall(r"(?<![\w/])([\w-]+)/(?=[\s)]|$)", text):
-            assert any(p.is_dir() for p in where.rglob(name)), f"no folder {folder}/.../{name}/"
+    """The layout block names every subpackage and top-level module, and nothing that is not."""
+    block = _layout_block()
+    assert len(block.strip().splitlines()) <= 30, "the layout block is a map, not a listing"
     package = ROOT / "lightning_lora"
-    modules = {
-        p.name for p in package.rglob("*.py") if p.name != "__init__.py" or p.parent == package
-    }
-    missing = sorted(m for m in modules if m not in sections["lightning_lora"])
-    assert not missing, f"the layout section omits the modules {missing}"
-    configs = ROOT / "configs"
-    groups = {p.name for p in configs.rglob("*") if p.is_dir()}
-    missing = sorted(g for g in groups if f"{g}/" not in sections["configs"])
-    assert not missing, f"the layout section omits the config groups {missing}"
-    missing = sorted(p.name for p in configs.glob("*.yaml") if p.name not in sections["configs"])
-    assert not missing, f"the layout section omits {missing}"
+    for path in re.findall(r"(?<![\w/.-])((?:[\w-]+/)*[\w.-]+\.(?:py|yaml|sh|md)|[\w-]+/)", block):
+        candidates = [ROOT / path, package / path]
+        assert any(c.exists() for c in candidates), f"the layout names {path}: not there"
+    parts = sorted(
+        p.name + ("/" if p.is_dir() else "")
+        for p in package.iterdir()
+        if (p.is_dir() and (p / "__init__.py").is_file()) or (p.suffix == ".py")
+    )
+    missing = [name for name in parts if name != "__init__.py" and name not in block]
+    assert not missing, f"the layout block omits {missing}"
 
 
 def test_no_package_module_is_over_600_lines() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_lora.redaction import (
+from lightning_lora.clients.redaction import (
     MASK,
     clear_registered_secrets,
     is_secret_env_name,
@@ -138,7 +138,7 @@ def test_bearer_and_inline_url_passwords_still_masked() -> None:
 def test_hf_token_in_a_log_record_is_masked(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from lightning_lora.redaction import RedactingFilter
+    from lightning_lora.clients.redaction import RedactingFilter
 
     monkeypatch.setenv("HF_TOKEN", "hf_leakedInAFailureMessage")
     caplog.handler.addFilter(RedactingFilter())
@@ -154,7 +154,7 @@ def test_redact_is_fast_for_a_typical_environment() -> None:
         "for i in range(60): os.environ[f'SETTING_{i}'] = f'value-{i}-xxxxxxxx'\n"
         "os.environ['HF_TOKEN'] = 'hf_abcdefghijklmnopqrstu'\n"
         "os.environ['DATABASE_URL'] = 'postgres://u:dbpass123@db/x'\n"
-        "from lightning_lora.redaction import redact, register_secret\n"
+        "from lightning_lora.clients.redaction import redact, register_secret\n"
         "register_secret('signing-secret-value')\n"
         "msg = 'job 42 failed (DOWNLOAD_FAILED): s3://bucket/styles/42/img_0001.png: denied'\n"
         "print(min(timeit.repeat(lambda: redact(msg), number=2000, repeat=5)) / 2000)\n"

@@ -28,11 +28,11 @@ import lightning as L
 import pytest
 from PIL import Image
 
+from lightning_lora.clients.contract import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
 from lightning_lora.clients.storage import S3Storage
-from lightning_lora.clients.webhook_payloads import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
-from lightning_lora.data import StyleDataModule, load_rgb, preprocess
+from lightning_lora.data.datamodule import StyleDataModule, load_rgb, preprocess
 from lightning_lora.errors import InvalidImageError
-from lightning_lora.layout import outcome_key
+from lightning_lora.jobs.layout import outcome_key
 from lightning_lora.worker.app import TrainingWorker, split_config
 from lightning_lora.worker.broker import BrokerSettings, publish_job
 from lightning_lora.worker.cli import compose_worker_config

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lightning_lora.safetensors_io import add_metadata, save_file
+from lightning_lora.lora.safetensors_io import add_metadata, save_file
 from tests.conftest import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def _train_in_subprocess(run_dir: Path, hash_seed: str, ll_cache: Path, demo_ima
         f"hydra.run.dir={run_dir}",
     ]
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_lora.train", *args],
+        [sys.executable, "-m", "lightning_lora.training.run", *args],
         cwd=run_dir.parent,
         env=env,
         capture_output=True,

@@ -19,8 +19,9 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from lightning_lora import generate, sweep_report
-from lightning_lora.train import CONFIG_DIR, compose_config, train
+from lightning_lora.config import CONFIG_DIR, compose_config
+from lightning_lora.tools import generate, sweep_report
+from lightning_lora.training.run import train
 from tests.conftest import TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
@@ -214,7 +215,7 @@ def _run_hydra_app(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Run ``lightning-lora-train <argv>`` in this process (saves a subprocess' start-up)."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from lightning_lora.train import main
+    from lightning_lora.tools.train import main
 
     monkeypatch.setattr(sys, "argv", ["lightning-lora-train", *argv])
     try:
@@ -293,7 +294,7 @@ def test_launcher_and_sweeper_configs_compose() -> None:
     }
     assert cfg.optimized_metric == "val/loss"
     callback = cfg.hydra.callbacks.sweep_report._target_
-    assert callback == "lightning_lora.sweep_report.SweepReportCallback"
+    assert callback == "lightning_lora.tools.sweep_report.SweepReportCallback"
 
 
 def test_optional_loggers_compose(tmp_path: Path) -> None:

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lightning_lora.clients.storage import (
-    S3Storage,
-    checkpoint_prefix,
-    kohya_key,
-    model_key,
+from lightning_lora.clients.image_types import (
+    local_image_name,
+    sniff_image_format,
+    with_image_extension,
 )
-from lightning_lora.data import StyleDataModule, find_style_images, load_rgb
+from lightning_lora.clients.s3_names import parse_s3_url
+from lightning_lora.clients.storage import S3Storage
+from lightning_lora.data.datamodule import StyleDataModule, find_style_images, load_rgb
 from lightning_lora.errors import (
     DatasetError,
     DownloadError,
@@ -26,8 +27,7 @@ from lightning_lora.errors import (
     StorageUnavailableError,
     UploadError,
 )
-from lightning_lora.images import local_image_name, sniff_image_format, with_image_extension
-from lightning_lora.layout import parse_s3_url
+from lightning_lora.jobs.layout import checkpoint_prefix, kohya_key, model_key
 from tests.support.s3 import MotoS3Server, fake_aws_env
 
 

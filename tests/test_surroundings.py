@@ -22,7 +22,7 @@ import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from lightning_lora.clients.webhook_payloads import COMPLETE_PATH, FAILED_PATH
+from lightning_lora.clients.contract import COMPLETE_PATH, FAILED_PATH
 from lightning_lora.worker.consumer import Consumer
 from lightning_lora.worker.settings import SettingsError, load_settings
 from tests.support.broker import channel, depth, running, wait_for

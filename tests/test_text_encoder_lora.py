@@ -8,8 +8,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from lightning_lora.export import read_metadata
-from lightning_lora.train import train
+from lightning_lora.lora.export import read_metadata
+from lightning_lora.training.run import train
 
 pytestmark = pytest.mark.slow  # trains
 
@@ -131,7 +131,7 @@ def test_without_text_encoder_lora_metadata_says_so_and_a_reused_encoder_is_clea
     assert not any(k.startswith("text_encoder.") for k in load_file(result.lora.diffusers))
     assert not any(k.startswith("lora_te_") for k in load_file(result.lora.kohya))
     assert read_metadata(result.lora.kohya)["ss_train_text_encoder"] == "false"
-    from lightning_lora.models import load_components
+    from lightning_lora.training.models import load_components
 
     text_encoder = load_components(tiny_model).text_encoder
     assert not any("lora_" in n for n, _ in text_encoder.named_parameters())

@@ -12,8 +12,8 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from lightning_lora.errors import NonFiniteLossError
-from lightning_lora.text_encoder import build_lora_configs
-from lightning_lora.train import train
+from lightning_lora.lora.text_encoder import build_lora_configs
+from lightning_lora.training.run import train
 
 pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
 
@@ -79,7 +79,7 @@ def test_checkpoints_hold_only_lora_and_resume_is_exact(make_cfg, tmp_path: Path
 
 
 def _unet_params():
-    from lightning_lora.models import load_components, tiny_model_path
+    from lightning_lora.training.models import load_components, tiny_model_path
 
     return list(load_components(tiny_model_path()).unet.parameters())
 
@@ -125,7 +125,7 @@ def test_non_finite_loss_stops_training_without_writing_a_lora(make_cfg, tmp_pat
 
 
 def test_cached_and_uncached_losses_are_identical(make_cfg) -> None:
-    from lightning_lora.data import collate_images
+    from lightning_lora.data.datamodule import collate_images
 
     cfg = make_cfg("data.caption_dropout=0.3")
     components = instantiate(cfg.model)

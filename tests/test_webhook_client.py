@@ -8,15 +8,15 @@ import time
 
 import pytest
 
-from lightning_lora.clients.webhook_client import WebhookClient
-from lightning_lora.clients.webhook_payloads import (
+from lightning_lora.clients.contract import (
     COMPLETE_PATH,
     FAILED_PATH,
     MAX_ERROR_MESSAGE_CHARS,
     PROGRESS_PATH,
 )
+from lightning_lora.clients.redaction import RedactingFilter, install_redaction, redact
+from lightning_lora.clients.webhook_client import WebhookClient
 from lightning_lora.clients.webhook_sender import WebhookSender
-from lightning_lora.redaction import RedactingFilter, install_redaction, redact
 from tests.support.receiver import RecordedRequest, Reply, WebhookReceiver
 
 TOKEN = "tok-5ecret-value-123"

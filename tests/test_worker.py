@@ -19,8 +19,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from lightning_lora.clients.storage import S3Storage, checkpoint_prefix, model_key
-from lightning_lora.clients.webhook_payloads import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
+from lightning_lora.clients.contract import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
+from lightning_lora.clients.storage import S3Storage
+from lightning_lora.jobs.layout import checkpoint_prefix, model_key
 from lightning_lora.worker.app import TrainingWorker, split_config
 from lightning_lora.worker.broker import BrokerSettings, publish_job
 from lightning_lora.worker.consumer import Consumer

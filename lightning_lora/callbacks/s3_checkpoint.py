@@ -3,32 +3,33 @@
 :class:`S3CheckpointCallback` writes a LoRA-only Lightning checkpoint (``LoRAModule`` drops the
 frozen base in ``on_save_checkpoint``; optimizer, scheduler, loop and RNG states are kept) every
 ``every_n_epochs`` epochs with ``trainer.save_checkpoint`` into a job-local folder, then uploads it
-to ``s3://{bucket}/checkpoints/style_{style_id}/epoch{EEEE}-step{SSSSSS}.ckpt`` from a background
-thread, so training does not wait on the network. ``EEEE`` is the 0-based index of the epoch
-just finished and ``SSSSSS`` the global step (the names sort by age; ``ModelCheckpoint``'s naming).
+to ``s3://{bucket}/{prefix}epoch{EEEE}-step{SSSSSS}.ckpt`` from a background thread, so training
+does not wait on the network. The job hands it the prefix (``checkpoints/style_{id}/{run_id}/``,
+:mod:`lightning_lora.jobs.layout`). ``EEEE`` is the 0-based index of the epoch just finished and
+``SSSSSS`` the global step (the names sort by age; ``ModelCheckpoint``'s naming).
 
 * While an upload runs, the newest checkpoint waits (one at most); an older waiting one is
   dropped.
-* After each successful upload, older checkpoints of the style beyond ``keep_last`` are deleted
+* After each successful upload, older checkpoints under the prefix beyond ``keep_last`` are deleted
   from S3. Local files are removed once their upload was attempted.
 * A failed checkpoint upload is logged as a warning and training goes on; the next checkpoint is
   the retry. (The *final* LoRA upload is different: it is fatal, see
-  :func:`lightning_lora.reporting.upload_final_lora`.)
+  :func:`lightning_lora.jobs.runner.upload_final_lora`.)
 * When ``fit`` ends (normally or by an exception) the callback waits at most ``final_wait_s`` for
   the upload in progress and the waiting one, then stops its thread.
 
 ``trainer.save_checkpoint`` is called on every rank (it is collective); only global rank zero
 uploads.
 
-:func:`find_resume_checkpoint` lists a style's checkpoints, downloads the newest and checks that it
+:func:`find_resume_checkpoint` lists the checkpoints under a prefix, downloads the newest and checks that it
 loads (``torch.load`` with ``weights_only=True``: a file from the bucket cannot run code) and has
 ``state_dict`` and ``loops``; a corrupt or partial one is skipped with a warning and the next older
 one is tried. ``train(cfg, callbacks, ckpt_path=path)`` then resumes from it.
 
 Config: ``reporting.s3_checkpoint`` (``configs/reporting/default.yaml``) is a ``_partial_`` target
 (``every_n_epochs``, ``keep_last``, ``dirpath``, ``final_wait_s``): the callback needs the job's
-``style_id``, run id and an :class:`~lightning_lora.clients.storage.S3Storage`, so
-:func:`lightning_lora.reporting.run_reported_training` completes it per job.
+checkpoint prefix and an :class:`~lightning_lora.clients.storage.S3Storage`, so
+:func:`lightning_lora.jobs.runner.run_reported_training` completes it per job.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_lora.background import LatestOnlyWorker
-from lightning_lora.clients.storage import S3Storage, checkpoint_prefix
-from lightning_lora.redaction import redact
+from lightning_lora.clients.background import LatestOnlyWorker
+from lightning_lora.clients.redaction import redact
+from lightning_lora.clients.storage import S3Storage
 
 __all__ = [
     "S3CheckpointCallback",
@@ -78,22 +79,20 @@ def parse_checkpoint_name(key: str) -> tuple[int, int] | None:
     return int(match.group(1)), int(match.group(2))
 
 
-def list_checkpoints(storage: S3Storage, style_id: int, run_id: str | None = None) -> list[str]:
-    """Keys of a style's checkpoints, newest (highest epoch, then step) first.
+def list_checkpoints(storage: S3Storage, prefix: str) -> list[str]:
+    """Keys of the checkpoints directly under ``prefix``, newest (highest epoch, then step) first.
 
     Args:
         storage: The bucket.
-        style_id: The style.
-        run_id: Only this job's checkpoints (see :func:`checkpoint_prefix`).
+        prefix: A run's checkpoint folder, ending in ``/``.
 
     Returns:
-        Keys under ``checkpoints/style_{id}/`` named like :func:`checkpoint_name`.
+        Keys under ``prefix`` (not in its subfolders) named like :func:`checkpoint_name`.
 
     Raises:
         DownloadError: The listing failed.
     """
     keyed = []
-    prefix = checkpoint_prefix(style_id, run_id)
     for key in storage.list_keys(prefix):
         if "/" in key[len(prefix) :]:
             continue  # another run's folder
@@ -126,12 +125,11 @@ def _check_checkpoint(path: Path, expect_lora: Mapping[str, Any] | None) -> str 
 
 def find_resume_checkpoint(
     storage: S3Storage,
-    style_id: int,
+    prefix: str,
     dest_dir: str | Path,
     expect_lora: Mapping[str, Any] | None = None,
-    run_id: str | None = None,
 ) -> Path | None:
-    """Download the newest usable checkpoint of a style, for ``train(..., ckpt_path=...)``.
+    """Download the newest usable checkpoint under ``prefix``, for ``train(..., ckpt_path=...)``.
 
     Checkpoints are tried newest first (by epoch, then step, from their names); one that cannot
     be downloaded, does not load, lacks ``state_dict``/``loops`` or (with ``expect_lora``) was
@@ -139,20 +137,19 @@ def find_resume_checkpoint(
 
     Args:
         storage: The bucket.
-        style_id: The style.
+        prefix: The run's checkpoint folder (a new job never resumes another job's run).
         dest_dir: Local folder for the download (created if missing).
         expect_lora: E.g. ``{"rank": 16, "alpha": 32}``: skip checkpoints whose saved
             ``lora_config`` differs.
-        run_id: Only this job's checkpoints (see :func:`checkpoint_prefix`).
 
     Returns:
         The local checkpoint path, or ``None`` when there is no usable checkpoint.
 
     Raises:
-        DownloadError: The style's checkpoints could not be listed.
+        DownloadError: The checkpoints could not be listed.
     """
     dest = Path(dest_dir)
-    for key in list_checkpoints(storage, style_id, run_id):
+    for key in list_checkpoints(storage, prefix):
         local = dest / Path(key).name
         try:
             storage.download_file(key, local)
@@ -161,7 +158,7 @@ def find_resume_checkpoint(
             continue
         problem = _check_checkpoint(local, expect_lora)
         if problem is None:
-            log.info("resuming style %s from %s", style_id, storage.s3_url(key))
+            log.info("resuming from %s", storage.s3_url(key))
             return local
         log.warning(
             "skipping checkpoint %s: it %s; trying an older one", storage.s3_url(key), problem
@@ -175,9 +172,9 @@ class S3CheckpointCallback(L.Callback):
 
     Attributes:
         storage: The bucket.
-        style_id: The style being trained.
+        prefix: The run's checkpoint folder in the bucket.
         every_n_epochs: Checkpoint period in epochs (0 disables).
-        keep_last: How many checkpoints of the style to keep in S3 (0 keeps all).
+        keep_last: How many checkpoints of the run to keep in S3 (0 keeps all).
         uploaded: Keys uploaded by this callback, in order.
         failed: Number of failed checkpoint uploads.
         superseded: Number of checkpoints dropped because a newer one came before upload.
@@ -186,29 +183,27 @@ class S3CheckpointCallback(L.Callback):
     def __init__(
         self,
         storage: S3Storage,
-        style_id: int,
+        prefix: str,
         dirpath: str | Path | None = None,
         every_n_epochs: int = 5,
         keep_last: int = 2,
         final_wait_s: float = 300.0,
-        run_id: str | None = None,
     ) -> None:
         """Configure.
 
         Args:
             storage: The bucket checkpoints go to.
-            style_id: The style being trained (the key prefix).
+            prefix: The run's checkpoint folder in the bucket (ends in ``/``).
             dirpath: Job-local folder for the checkpoint files; defaults to
                 ``{trainer.default_root_dir}/s3_checkpoints``.
             every_n_epochs: Save and upload every this many epochs (0 disables).
-            keep_last: Checkpoints of the style kept in S3; older ones are deleted (0 keeps all).
+            keep_last: Checkpoints of the run kept in S3; older ones are deleted (0 keeps all).
             final_wait_s: Most seconds to wait for pending uploads when ``fit`` ends.
-            run_id: The job's identity; checkpoints go under ``checkpoints/style_{id}/{run_id}/``.
         """
+        if not prefix.endswith("/"):
+            raise ValueError(f"checkpoint prefix {prefix!r} must end in '/'")
         self.storage = storage
-        self.style_id = style_id
-        self.run_id = run_id
-        self.prefix = checkpoint_prefix(style_id, run_id)
+        self.prefix = prefix
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.every_n_epochs = max(0, int(every_n_epochs))
         self.keep_last = max(0, int(keep_last))
@@ -221,7 +216,7 @@ class S3CheckpointCallback(L.Callback):
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(style_id={self.style_id}, every_n_epochs="
+            f"{type(self).__name__}(prefix={self.prefix!r}, every_n_epochs="
             f"{self.every_n_epochs}, keep_last={self.keep_last}, storage={self.storage!r})"
         )
 
@@ -258,7 +253,7 @@ class S3CheckpointCallback(L.Callback):
         if self._uploader is None:
             self._uploader = LatestOnlyWorker(
                 lambda job: self._upload(*job),
-                f"s3-checkpoints-style-{self.style_id}",
+                "s3-checkpoints",
                 drain_on_close=False,
                 on_error=lambda exc: log.warning(  # _upload logs its own; this is a last resort
                     "checkpoint upload failed unexpectedly: %s", redact(repr(exc))
@@ -311,9 +306,7 @@ class S3CheckpointCallback(L.Callback):
         """Upload one checkpoint, then prune (runs on the upload thread; never raises)."""
         started = time.perf_counter()
         try:
-            self.storage.upload_file(
-                path, key, extra_metadata={"style_id": self.style_id, "kind": "checkpoint"}
-            )
+            self.storage.upload_file(path, key, extra_metadata={"kind": "checkpoint"})
         except Exception as exc:
             self.failed += 1
             log.warning(
@@ -335,9 +328,9 @@ class S3CheckpointCallback(L.Callback):
         if not self.keep_last:
             return
         try:
-            old = list_checkpoints(self.storage, self.style_id, self.run_id)[self.keep_last :]
+            old = list_checkpoints(self.storage, self.prefix)[self.keep_last :]
             if old:
                 self.storage.delete_keys(old)
-                log.info("deleted %d old checkpoint(s) of style %s", len(old), self.style_id)
+                log.info("deleted %d old checkpoint(s) under %s", len(old), self.prefix)
         except Exception as exc:
             log.warning("could not delete old checkpoints: %s", redact(str(exc)))

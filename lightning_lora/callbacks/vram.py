@@ -13,8 +13,8 @@ Logged metric names (``prefix`` defaults to ``mem``):
 * on CPU (or any non-CUDA device): ``mem/rss_gib`` and ``mem/peak_rss_gib``.
 
 The peaks of the whole run are :attr:`VramCallback.peak_gib` and :attr:`VramCallback.peak_rss_gib`
-and :meth:`VramCallback.summary`, which :func:`lightning_lora.train.train` merges into the run's
-metrics (``peak_vram_gib``, ``peak_rss_gib``) and :mod:`lightning_lora.reporting` puts into the
+and :meth:`VramCallback.summary`, which :func:`lightning_lora.training.run.train` merges into the run's
+metrics (``peak_vram_gib``, ``peak_rss_gib``) and :mod:`lightning_lora.jobs.runner` puts into the
 completion webhook's metadata.
 
 Config: ``configs/callbacks/vram.yaml`` (included by ``callbacks=production``).

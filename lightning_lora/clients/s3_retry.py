@@ -2,7 +2,7 @@
 
 Every S3 call of :class:`~lightning_lora.clients.storage.S3Storage` goes through
 :func:`retrying`: connection errors, timeouts, 5xx and throttling are retried with exponential
-backoff and full jitter (tenacity, with :mod:`lightning_lora.jitter`'s RNG) until the budget is
+backoff and full jitter (tenacity, with :mod:`lightning_lora.clients.backoff`'s RNG) until the budget is
 spent, then raised as :class:`~lightning_lora.errors.StorageUnavailableError`, which the worker
 answers by requeueing the job rather than failing it. Anything else (404, 403, 412) is raised
 at once.
@@ -18,8 +18,8 @@ import boto3.exceptions
 import botocore.exceptions
 import tenacity
 
+from lightning_lora.clients.backoff import tenacity_wait
 from lightning_lora.errors import StorageUnavailableError
-from lightning_lora.jitter import tenacity_wait
 
 __all__ = [
     "BOTO_ERRORS",

@@ -33,6 +33,8 @@ import boto3.s3.transfer
 import botocore.config
 import botocore.exceptions
 
+from lightning_lora.clients.image_types import checked_image_format, local_image_name
+from lightning_lora.clients.s3_names import bucket_problem, parse_s3_url, shown, validate_key
 from lightning_lora.clients.s3_retry import (
     BOTO_ERRORS,
     DEFAULT_RETRY_BUDGET_S,
@@ -49,36 +51,14 @@ from lightning_lora.errors import (
     PreconditionFailedError,
     UploadError,
 )
-from lightning_lora.images import checked_image_format, local_image_name
-from lightning_lora.layout import (
-    bucket_problem,
-    checkpoint_prefix,
-    kohya_key,
-    model_key,
-    parse_s3_url,
-    shown,
-    validate_key,
-)
 
-__all__ = [
-    "DEFAULT_BUCKET",
-    "S3Storage",
-    "checkpoint_prefix",
-    "kohya_key",
-    "model_key",
-    "parse_s3_url",
-    "validate_key",
-]
+__all__ = ["DEFAULT_BUCKET", "S3Storage"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BUCKET = "stylelicense-models"
 MIB = 1024 * 1024
-MAX_KEY_BYTES = 1024
 _CHUNK_BYTES = MIB
-
-
-# --------------------------------------------------------------------------- local names
 
 
 # --------------------------------------------------------------------------- storage
@@ -169,7 +149,7 @@ class S3Storage:
         Files are named by :func:`local_image_name`, so keys are never used as paths. Each
         file's type is told by its first bytes once downloaded (keys often have no extension,
         or the wrong one) and the file gets its content's extension (``.jpg``, ``.png`` or
-        ``.webp``), so :func:`lightning_lora.data.find_style_images` lists every image.
+        ``.webp``), so :func:`lightning_lora.data.datamodule.find_style_images` lists every image.
 
         Args:
             urls: ``s3://bucket/key`` URLs, in the job's order.

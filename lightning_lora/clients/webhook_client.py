@@ -20,7 +20,7 @@ also, for deduplication and authenticity (Standard Webhooks):
 The token never appears in logs, exception messages or reprs.
 
 :class:`WebhookClient` makes the calls synchronously (payloads from
-:mod:`lightning_lora.clients.webhook_payloads`);
+:mod:`lightning_lora.clients.contract`);
 :class:`~lightning_lora.clients.webhook_sender.WebhookSender` makes them from a daemon thread so
 that the training loop never waits on the network.
 """
@@ -42,7 +42,8 @@ from typing import Any
 
 import requests
 
-from lightning_lora.clients.webhook_payloads import (
+from lightning_lora.clients.backoff import backoff_delay
+from lightning_lora.clients.contract import (
     COMPLETE_PATH,
     FAILED_PATH,
     PROGRESS_PATH,
@@ -50,8 +51,7 @@ from lightning_lora.clients.webhook_payloads import (
     failed_payload,
     progress_payload,
 )
-from lightning_lora.jitter import RNG
-from lightning_lora.redaction import redact
+from lightning_lora.clients.redaction import redact
 
 __all__ = [
     "SIGNING_SECRET_ENV_VAR",
@@ -281,7 +281,7 @@ class WebhookClient:
         Raises:
             TypeError: ``style_id`` is not an int.
         """
-        payload = failed_payload(style_id, error_message, error_code, self._secrets())
+        payload = failed_payload(style_id, error_message, error_code, self.secrets())
         return self.send("POST", FAILED_PATH, payload, retry=True, event_id=event_id)
 
     def send(
@@ -350,7 +350,7 @@ class WebhookClient:
 
     # ----------------------------------------------------------------- internals
 
-    def _secrets(self) -> tuple[str, ...]:
+    def secrets(self) -> tuple[str, ...]:
         """Secrets held by this client that :func:`redact` may not know of."""
         return tuple(s for s in (self._token, self._signing_secret) if s)
 
@@ -411,8 +411,7 @@ class WebhookClient:
             retry_after = _retry_after_s(response)
             if retry_after is not None and retry_after <= self.backoff_max_s:
                 return retry_after
-        ceiling = min(self.backoff_max_s, self.backoff_base_s * (2 ** (attempt - 1)))
-        return RNG.uniform(0.0, max(0.0, ceiling))
+        return backoff_delay(attempt - 1, self.backoff_base_s, self.backoff_max_s)
 
     def _log_success(self, label: str, attempt: int, retry: bool) -> None:
         if retry:

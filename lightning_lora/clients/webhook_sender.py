@@ -9,9 +9,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, Self
 
-from lightning_lora.background import LatestOnlyWorker
-from lightning_lora.clients.webhook_client import WebhookClient, new_event_id
-from lightning_lora.clients.webhook_payloads import (
+from lightning_lora.clients.background import LatestOnlyWorker
+from lightning_lora.clients.contract import (
     COMPLETE_PATH,
     FAILED_PATH,
     PROGRESS_PATH,
@@ -19,7 +18,8 @@ from lightning_lora.clients.webhook_payloads import (
     failed_payload,
     progress_payload,
 )
-from lightning_lora.redaction import redact
+from lightning_lora.clients.redaction import redact
+from lightning_lora.clients.webhook_client import WebhookClient, new_event_id
 
 __all__ = ["SenderStats", "WebhookSender"]
 
@@ -60,7 +60,7 @@ class WebhookSender:
     Progress reports are coalesced: only the latest one not yet sent is kept. Completion and
     failure reports are queued and sent in order, each after any progress posted before it, and
     are never replaced; they are still sent after :meth:`close` times out. The thread and both
-    rules are :class:`~lightning_lora.background.LatestOnlyWorker`'s. All methods are
+    rules are :class:`~lightning_lora.clients.background.LatestOnlyWorker`'s. All methods are
     thread-safe.
 
     Args:
@@ -150,7 +150,7 @@ class WebhookSender:
         Raises:
             TypeError: ``style_id`` is not an int.
         """
-        payload = failed_payload(style_id, error_message, error_code, self.client._secrets())
+        payload = failed_payload(style_id, error_message, error_code, self.client.secrets())
         return self._post_reliable(_Job("failed", "POST", FAILED_PATH, payload))
 
     def _post_reliable(self, job: _Job) -> bool:

@@ -16,8 +16,9 @@ message:
 4. downloads the images into a job folder (content-typed names, count and byte limits), writes
    the job's captions as plain text, sets the job's numbers on a copy of the training config
    (nothing from a message is parsed or resolved) and runs
-   :func:`lightning_lora.reporting.run_reported_training`;
-5. settles the message: ack when reported, dead-letter a failed job, requeue one interrupted by
+   :func:`lightning_lora.jobs.runner.run_reported_training`;
+5. settles the message by the one rule (:func:`~lightning_lora.errors.disposition_of`): ack when
+   reported, dead-letter a failed job (after its one failure report), requeue one interrupted by
    a shutdown or by S3 being down for the whole retry budget (the finished LoRA is kept).
 
 The terminal webhook goes through :class:`~lightning_lora.worker.outbox.DurableSink`: created
@@ -27,12 +28,9 @@ once in S3, re-sent by every worker's outbox until the backend answers 2xx.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,19 +40,24 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lightning_lora.callbacks.s3_checkpoint import list_checkpoints
+from lightning_lora.clients.redaction import redact
+from lightning_lora.clients.storage import S3Storage
+from lightning_lora.clients.webhook_client import WebhookClient
+from lightning_lora.clients.webhook_sender import WebhookSender
 from lightning_lora.errors import (
     InvalidMessageError,
     JobCrashedError,
-    JobInterrupted,
     StorageUnavailableError,
-    error_code_of,
+    disposition_of,
 )
-from lightning_lora.job_report import JobReport
-from lightning_lora.layout import job_key_for, outbox_key
-from lightning_lora.redaction import redact
+from lightning_lora.jobs.layout import checkpoint_prefix, job_key_for, outbox_key
+from lightning_lora.jobs.report import JobReport, webhook_client
+from lightning_lora.jobs.runner import run_reported_training
 from lightning_lora.worker.consumer import Delivery, Outcome, Settlement
-from lightning_lora.worker.jobdirs import OWNER_FILE, make_job_dir
-from lightning_lora.worker.ledger import Lease, LeaseBusy, Ledger, RunRef
+from lightning_lora.worker.job_callbacks import InterruptOnStop, ProgressGauge
+from lightning_lora.worker.jobdirs import job_dir_owned_here, make_job_dir
+from lightning_lora.worker.ledger import Lease, LeaseBusy, Ledger
 from lightning_lora.worker.messages import (
     TrainingJob,
     job_settings,
@@ -62,57 +65,14 @@ from lightning_lora.worker.messages import (
     peek_identity,
     webhook_allowed,
 )
+from lightning_lora.worker.ops import WorkerMetrics
 from lightning_lora.worker.outbox import DeadLetter, DurableSink, Outbox
+from lightning_lora.worker.records import OutcomeRecord, RunRef
 from lightning_lora.worker.settings import WorkerSettings
 
-__all__ = ["InterruptOnStop", "JobTimings", "TrainingWorker", "split_config"]
+__all__ = ["JobTimings", "TrainingWorker", "split_config"]
 
 log = logging.getLogger(__name__)
-
-
-class InterruptOnStop(L.Callback):
-    """Ends training when the worker stops (after an S3 checkpoint) or loses the job's lease.
-
-    Raises :class:`JobInterrupted` (not a failure: nothing is reported) so that the worker
-    requeues the message; the redelivered job resumes from the checkpoint.
-    """
-
-    def __init__(self, stop: threading.Event, lease: Lease | None = None) -> None:
-        """Watch ``stop`` (the consumer's shutdown event) and ``lease.lost``."""
-        self.stop = stop
-        self.lease = lease
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self.lease is not None and self.lease.lost.is_set():
-            raise JobInterrupted("another worker took over the job's lease; stopped")
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.stop.is_set():
-            return
-        from lightning_lora.callbacks.s3_checkpoint import S3CheckpointCallback
-
-        for callback in trainer.callbacks:
-            if isinstance(callback, S3CheckpointCallback):
-                callback.checkpoint_now(trainer)
-                callback.wait()
-        raise JobInterrupted(
-            f"worker shutting down: stopped after epoch {trainer.current_epoch + 1}, checkpointed"
-        )
-
-
-class _ProgressGauge(L.Callback):
-    """Feeds the metrics' current-job progress gauge (share of optimizer steps done)."""
-
-    def __init__(self, metrics: Any) -> None:
-        self.metrics = metrics
-        self._total = 0.0
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._total = float(trainer.estimated_stepping_batches or 0)  # once, not every step
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self._total > 0:
-            self.metrics.set_progress(min(1.0, trainer.global_step / self._total))
 
 
 @dataclass
@@ -148,8 +108,7 @@ class TrainingWorker:
     Args:
         train_cfg: The composed training config every job starts from (a copy per job).
         settings: Worker settings.
-        storage: An :class:`~lightning_lora.clients.storage.S3Storage` (built from the
-            settings on first use when ``None``).
+        storage: The bucket (built from the settings on first use when ``None``).
         delivery_limit: Attempts after which a job is poison (``RABBITMQ_DELIVERY_LIMIT``).
         callbacks: More training callbacks for every job (tests and plugins).
         metrics: A :class:`~lightning_lora.worker.ops.WorkerMetrics`, or ``None``.
@@ -160,11 +119,11 @@ class TrainingWorker:
         self,
         train_cfg: DictConfig,
         settings: WorkerSettings,
-        storage: Any | None = None,
+        storage: S3Storage | None = None,
         *,
         delivery_limit: int = 3,
         callbacks: Sequence[L.Callback] = (),
-        metrics: Any | None = None,
+        metrics: WorkerMetrics | None = None,
         dead_letter: DeadLetter | None = None,
     ) -> None:
         self.train_cfg = train_cfg
@@ -181,11 +140,9 @@ class TrainingWorker:
 
     # ------------------------------------------------------------------ shared parts
     @property
-    def storage(self) -> Any:
+    def storage(self) -> S3Storage:
         """The bucket (``S3_BUCKET``, ``S3_ENDPOINT_URL``, AWS credentials from the env)."""
         if self._storage is None:
-            from lightning_lora.clients.storage import S3Storage
-
             self._storage = S3Storage(
                 self.settings.s3_bucket, retry_budget_s=self.settings.s3_retry_budget_s
             )
@@ -204,7 +161,6 @@ class TrainingWorker:
         if self._outbox is None:
             s = self.settings
             self._outbox = Outbox(
-                self.storage,
                 self.ledger,
                 self._client,
                 s.webhook_allowlist,
@@ -216,27 +172,25 @@ class TrainingWorker:
             )
         return self._outbox
 
-    def _client(self, webhook_url: str) -> Any:
-        from lightning_lora.reporting import _partial
-
-        factory = _partial(self.train_cfg, "client", None)
-        if factory is None:
-            from lightning_lora.clients.webhook_client import WebhookClient
-
-            factory = WebhookClient
+    def _client(self, webhook_url: str) -> WebhookClient:
         secret = self.settings.webhook_signing_secret
-        return factory(
+        return webhook_client(
             webhook_url,
+            self.train_cfg,
             token=self.settings.internal_api_token.get_secret_value(),
             signing_secret=secret.get_secret_value() if secret is not None else None,
         )
 
     def _report(self, job_url: str, run: RunRef, body: bytes, rewrite: Any = None) -> JobReport:
-        from lightning_lora.clients.webhook_sender import WebhookSender
-
+        """The job's report: progress through a sender, the end through the durable sink."""
         sender = WebhookSender(self._client(job_url))
         sink = DurableSink(self.ledger, run, job_url, self._client(job_url), body, sender)
         return JobReport(sender, run.style_id, terminal=sink, rewrite=rewrite)
+
+    def _fail_once(self, job_url: str, run: RunRef, body: bytes, exc: BaseException) -> None:
+        """Report a job's failure that happened before it trained (poison, crashes)."""
+        with self._report(job_url, run, body) as report:
+            report.fail(exc)
 
     # ------------------------------------------------------------------ entry points
     def handle(self, delivery: Delivery) -> Settlement:
@@ -269,7 +223,9 @@ class TrainingWorker:
         try:
             settlement = self._claim_and_run(job, delivery, timings)
             return settlement
-        except StorageUnavailableError as exc:
+        except Exception as exc:  # the ledger's calls: S3 down requeues, anything else raises
+            if not disposition_of(exc).requeue:
+                raise
             log.error("job %s requeued: %s", job.job_id, redact(str(exc)))
             settlement = Settlement(Outcome.REQUEUE)
             return settlement
@@ -308,8 +264,8 @@ class TrainingWorker:
             return
         key = job_key_for(delivery.message_id, delivery.body)
         run = self.ledger.resolve_run(job.style_id, key, new_publication=False)
-        self._report(job.webhook_url, run, delivery.body).fail(
-            self._crashed(job, delivery.delivery_count)
+        self._fail_once(
+            job.webhook_url, run, delivery.body, self._crashed(job, delivery.delivery_count)
         )
 
     @staticmethod
@@ -332,7 +288,7 @@ class TrainingWorker:
         while True:
             found = self.ledger.outcome(run)
             if found is not None:
-                return self._already_reported(job, run, found[0])
+                return self._already_reported(job, run, found)
             try:
                 lease = self.ledger.acquire(run)
                 break
@@ -353,7 +309,7 @@ class TrainingWorker:
             log.error(
                 "job %s (run %s): %d attempts crashed; poison", job.job_id, run.run_id, crashes
             )
-            self._report(job.webhook_url, run, delivery.body).fail(self._crashed(job, crashes))
+            self._fail_once(job.webhook_url, run, delivery.body, self._crashed(job, crashes))
             lease.release(finished=True)
             return Settlement(Outcome.REJECT, f"{crashes} attempts crashed", "REDELIVERY_LIMIT")
         finished = False
@@ -365,13 +321,12 @@ class TrainingWorker:
             lease.release(finished=finished)
 
     def _already_reported(
-        self, job: TrainingJob, run: RunRef, outcome: dict[str, Any]
+        self, job: TrainingJob, run: RunRef, outcome: OutcomeRecord
     ) -> Settlement:
-        kind = str(outcome.get("kind"))
-        if not outcome.get("delivered"):
+        kind = outcome.event.kind
+        if not outcome.delivered:
             log.warning("job %s (run %s): re-sending its %s webhook", job.job_id, run.run_id, kind)
-            if self.storage.get_json(outbox_key(run.style_id, run.run_id)) is None:
-                self.ledger.queue_outbox(run, outcome)
+            self.ledger.ensure_outbox(run, outcome)
             self.outbox.attempt(outbox_key(run.style_id, run.run_id), force=True)
         else:
             log.warning(
@@ -380,9 +335,9 @@ class TrainingWorker:
                 run.run_id,
                 kind,
             )
-        if kind == "complete":
+        code = outcome.event.error_code
+        if code is None:
             return Settlement(Outcome.ACK)
-        code = str((outcome.get("payload") or {}).get("error_code") or "TRAINING_FAILED")
         return Settlement(Outcome.REJECT, "the job failed earlier", code)
 
     # ------------------------------------------------------------------ the job
@@ -392,72 +347,85 @@ class TrainingWorker:
         base = parent or Path(tempfile.gettempdir())
         # make_job_dir keeps the first 64 characters of the name (a run id needs no escaping)
         for folder in sorted(base.glob(f"ll-job-{run.run_id[:64]}-*")):
-            try:
-                owner = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if owner.get("pid") == os.getpid():
+            if job_dir_owned_here(folder):
                 return folder
         return make_job_dir(parent, run.run_id)
 
     def _run(
         self, job: TrainingJob, delivery: Delivery, run: RunRef, lease: Lease, timings: JobTimings
     ) -> Settlement:
-        from lightning_lora.reporting import run_reported_training
-
         job_dir = self._job_dir(run)
         public = _PublicNames(job_dir)
-        report = self._report(job.webhook_url, run, delivery.body, rewrite=public)
         keep_dir = False
         try:
-            t0 = time.monotonic()
-            try:
-                self._download(job, job_dir / "images", public)
-            except StorageUnavailableError:
-                raise
-            except Exception as exc:
-                report.fail(exc)
-                return Settlement(Outcome.REJECT, public(str(exc)), error_code_of(exc))
-            finally:
-                timings.download_s = time.monotonic() - t0
-            cfg = self.job_config(job, job_dir)
-            extra: list[L.Callback] = [InterruptOnStop(delivery.stop_requested, lease)]
-            if self.metrics is not None:
-                extra.append(_ProgressGauge(self.metrics))
-            t0 = time.monotonic()
-            try:
-                result = run_reported_training(
-                    cfg,
-                    report,
-                    self.storage,
-                    callbacks=[*extra, *self.callbacks],
-                    resume=self.settings.resume_from_s3,
-                    work_dir=job_dir / "resume",
-                    run_id=run.run_id,
-                )
-            except StorageUnavailableError as exc:
-                keep_dir = True  # the finished LoRA (if any) is uploaded on the next delivery
-                log.error("job %s requeued: %s", job.job_id, redact(str(exc)))
-                return Settlement(Outcome.REQUEUE)
-            except JobInterrupted as exc:
-                log.warning("job %s requeued: %s", job.job_id, exc)
-                return Settlement(Outcome.REQUEUE)
-            except Exception as exc:
-                code = error_code_of(exc)
-                log.error("job %s failed (%s): %s", job.job_id, code, public(redact(str(exc))))
-                return Settlement(Outcome.REJECT, public(redact(str(exc)))[:500], code)
-            finally:
-                elapsed = time.monotonic() - t0
-            timings.training_s = float(result.metrics.get("train_seconds", elapsed))
-            timings.upload_s = float(result.metrics.get("upload_seconds", 0.0))
-            timings.upload_and_report_s = max(0.0, elapsed - timings.training_s)
+            with self._report(job.webhook_url, run, delivery.body, rewrite=public) as report:
+                try:
+                    self._download_and_train(job, delivery, lease, timings, job_dir, report, public)
+                except Exception as exc:
+                    settlement, keep_dir = self._settle_error(job, exc, report, public)
+                    return settlement
             self._drop_checkpoints(run)
             self.jobs_done += 1
             return Settlement(Outcome.ACK)
         finally:
-            report.sender.close(timeout_s=30.0)
             if not keep_dir:
                 shutil.rmtree(job_dir, ignore_errors=True)
+
+    def _download_and_train(
+        self,
+        job: TrainingJob,
+        delivery: Delivery,
+        lease: Lease,
+        timings: JobTimings,
+        job_dir: Path,
+        report: JobReport,
+        public: _PublicNames,
+    ) -> None:
+        t0 = time.monotonic()
+        try:
+            self._download(job, job_dir / "images", public)
+        finally:
+            timings.download_s = time.monotonic() - t0
+        cfg = self.job_config(job, job_dir)
+        extra: list[L.Callback] = [InterruptOnStop(delivery.stop_requested, lease)]
+        if self.metrics is not None:
+            extra.append(ProgressGauge(self.metrics))
+        t0 = time.monotonic()
+        result = run_reported_training(
+            cfg,
+            report,
+            self.storage,
+            callbacks=[*extra, *self.callbacks],
+            resume=self.settings.resume_from_s3,
+            work_dir=job_dir / "resume",
+            run_id=lease.run.run_id,
+        )
+        elapsed = time.monotonic() - t0
+        timings.training_s = float(result.metrics.get("train_seconds", elapsed))
+        timings.upload_s = float(result.metrics.get("upload_seconds", 0.0))
+        timings.upload_and_report_s = max(0.0, elapsed - timings.training_s)
+
+    @staticmethod
+    def _settle_error(
+        job: TrainingJob, exc: Exception, report: JobReport, public: _PublicNames
+    ) -> tuple[Settlement, bool]:
+        """How a job that raised is settled, by the one rule (after its one failure report).
+
+        Returns:
+            The settlement, and whether to keep the job's folder: a job requeued because S3 is
+            down keeps it, so its finished LoRA (if any) is uploaded on the next delivery
+            without training again.
+        """
+        disposition = disposition_of(exc)
+        text = public(redact(str(exc)))
+        if disposition.requeue:
+            log.warning("job %s requeued: %s", job.job_id, text)
+            keep = isinstance(disposition.error, StorageUnavailableError)
+            return Settlement(Outcome.REQUEUE), keep
+        report.fail(exc)  # nothing new if the runner reported it already
+        code = disposition.error_code
+        log.error("job %s failed (%s): %s", job.job_id, code, text)
+        return Settlement(Outcome.REJECT, text[:500], code), False
 
     def job_config(self, job: TrainingJob, job_dir: Path) -> DictConfig:
         """A copy of the training config with the job's folders and numbers set as values."""
@@ -470,10 +438,9 @@ class TrainingWorker:
         return cfg
 
     def _drop_checkpoints(self, run: RunRef) -> None:
-        from lightning_lora.callbacks.s3_checkpoint import list_checkpoints
-
         try:
-            self.storage.delete_keys(list_checkpoints(self.storage, run.style_id, run.run_id))
+            prefix = checkpoint_prefix(run.style_id, run.run_id)
+            self.storage.delete_keys(list_checkpoints(self.storage, prefix))
         except Exception as exc:  # they are small; a later cleanup can remove them
             log.warning("run %s: checkpoints not deleted: %s", run.run_id, redact(str(exc)))
 
@@ -520,11 +487,12 @@ class TrainingWorker:
         key = job_key_for(delivery.message_id, delivery.body)
         try:
             run = self.ledger.resolve_run(style_id, key, new_publication=not delivery.redelivered)
-            self._report(webhook_url, run, delivery.body).fail(exc)
-        except StorageUnavailableError:  # still heard, without the once-only record
-            from lightning_lora.job_report import error_message_of
-
-            self._client(webhook_url).send_failed(style_id, error_message_of(exc), exc.error_code)
+        except StorageUnavailableError:
+            # still heard, without the once-only record: the same report, sent in-process
+            with JobReport(self._client(webhook_url), style_id) as report:
+                report.fail(exc)
+            return
+        self._fail_once(webhook_url, run, delivery.body, exc)
 
 
 class _PublicNames:

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_lora.redaction import register_secret
+from lightning_lora.clients.redaction import register_secret
 
 __all__ = ["compose_worker_config", "main", "run_checks"]
 
@@ -36,7 +36,7 @@ EXIT_BAD_SETTINGS = 2
 
 def compose_worker_config(overrides: Sequence[str] = ()) -> DictConfig:
     """Compose ``configs/worker.yaml`` (the training config plus ``worker:``) with overrides."""
-    from lightning_lora.train import compose_config
+    from lightning_lora.config import compose_config
 
     return compose_config(overrides, config_name="worker")
 

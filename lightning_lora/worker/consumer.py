@@ -66,7 +66,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import Basic, BasicProperties
 
-from lightning_lora.jitter import RNG
+from lightning_lora.clients.backoff import backoff_delay
 from lightning_lora.worker.broker import (
     BrokerSettings,
     TopologyError,
@@ -309,10 +309,9 @@ class Consumer:
                 self._stop.wait(delay)
 
     def _backoff_delay(self, attempt: int) -> float:
-        """Jittered exponential backoff: uniform in [d/2, d], d = min(max, initial * 2**n)."""
-        initial = self.settings.reconnect_initial_delay
-        ceiling = min(self.settings.reconnect_max_delay, initial * 2 ** min(attempt, 30))
-        return RNG.uniform(ceiling / 2, ceiling)  # not the global random: training seeds it
+        """Reconnect delay: uniform in [d/2, d], d = min(max, initial * 2**attempt)."""
+        s = self.settings
+        return backoff_delay(attempt, s.reconnect_initial_delay, s.reconnect_max_delay, low=0.5)
 
     def _connect(self) -> None:
         params = self.settings.connection_parameters()

@@ -9,6 +9,9 @@ such pid, or a pid reused by another process: the create time differs) and every
 a readable owner file (made by an older worker, or interrupted before the file was written) last
 modified more than an hour ago. A folder whose owner is alive is never touched, nor one made on
 another host or in another pid namespace sharing the parent folder (its pid means nothing here).
+Whether an owner is gone is :class:`~lightning_lora.worker.owners.ProcessOwner`'s rule, the same
+as for a run's lease; on this host, an owner file without the pid namespace (older workers)
+counts as no owner file.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
+from lightning_lora.worker.owners import ProcessOwner
 
 __all__ = [
     "JOB_DIR_PREFIX",
     "OWNER_FILE",
     "UNOWNED_MAX_AGE_S",
+    "job_dir_owned_here",
     "make_job_dir",
     "remove_stale_job_dirs",
 ]
@@ -40,29 +44,7 @@ OWNER_FILE = ".owner.json"
 UNOWNED_MAX_AGE_S = 3600.0
 """A job folder without a readable owner file is removed once unmodified for this long."""
 
-# create times of one process read at different moments agree to the clock tick (10 ms); a
-# reused pid's process started later, by far more than this
-_CREATE_TIME_TOLERANCE_S = 1.0
 _UNSAFE_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def _pid_namespace() -> int | None:
-    """The inode of this process's pid namespace (Linux), ``None`` where it is unknown."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return None
-
-
-def _owner_record() -> dict[str, object]:
-    me = psutil.Process()
-    return {
-        "pid": me.pid,
-        "create_time": me.create_time(),
-        "host": socket.gethostname(),
-        "pid_ns": _pid_namespace(),
-        "created_at": time.time(),
-    }
 
 
 def make_job_dir(parent: Path | None, name: str) -> Path:
@@ -83,50 +65,25 @@ def make_job_dir(parent: Path | None, name: str) -> Path:
     job_dir = Path(tempfile.mkdtemp(prefix=f"{JOB_DIR_PREFIX}{safe}-", dir=base))
     # written whole then renamed: a reader never sees half a file
     tmp = job_dir / f"{OWNER_FILE}.tmp"
-    tmp.write_text(json.dumps(_owner_record()), encoding="utf-8")
+    record = {**ProcessOwner.this_process().to_json(), "created_at": time.time()}
+    tmp.write_text(json.dumps(record), encoding="utf-8")
     tmp.replace(job_dir / OWNER_FILE)
     return job_dir
 
 
-def _read_owner(job_dir: Path) -> dict | None:
+def _read_owner(job_dir: Path) -> ProcessOwner | None:
+    """The folder's owner, if its owner file is readable and complete."""
     try:
-        owner = json.loads((job_dir / OWNER_FILE).read_text(encoding="utf-8"))
+        record = json.loads((job_dir / OWNER_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(owner, dict):
-        return None
-    pid, create_time = owner.get("pid"), owner.get("create_time")
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return None
-    if not isinstance(create_time, int | float) or isinstance(create_time, bool):
-        return None
-    return owner
+    return ProcessOwner.from_json(record) if isinstance(record, dict) else None
 
 
-def _owner_gone(owner: dict) -> str | None:
-    """Why the owner of a job folder is gone, or ``None`` when it may be alive."""
-    pid = owner["pid"]
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return f"owner pid {pid} has exited"
-        create_time = process.create_time()
-    except psutil.NoSuchProcess:
-        return f"owner pid {pid} is not running"
-    except psutil.Error:  # access denied...: it exists, assume it is the owner
-        return None
-    if abs(create_time - float(owner["create_time"])) > _CREATE_TIME_TOLERANCE_S:
-        return f"owner pid {pid} now belongs to another process"
-    return None
-
-
-def _foreign(owner: dict) -> bool:
-    """Whether the folder was made on another host or pid namespace (its pid means nothing)."""
-    host = owner.get("host")
-    if isinstance(host, str) and host != socket.gethostname():
-        return True
-    theirs, ours = owner.get("pid_ns"), _pid_namespace()
-    return isinstance(theirs, int) and ours is not None and theirs != ours
+def job_dir_owned_here(job_dir: Path) -> bool:
+    """Whether this process made ``job_dir`` (a requeued job takes its folder back)."""
+    owner = _read_owner(job_dir)
+    return owner is not None and owner.pid == os.getpid() and owner.is_local() and not owner.gone()
 
 
 def remove_stale_job_dirs(
@@ -161,10 +118,10 @@ def remove_stale_job_dirs(
         if job_dir.is_symlink() or not job_dir.is_dir():
             continue
         owner = _read_owner(job_dir)
-        if owner is not None:
-            if _foreign(owner):
-                continue
-            reason = _owner_gone(owner)
+        # an owner file without the pid namespace was written by an older worker: on this host
+        # it counts as no owner file (the age rule), on another host it is left alone
+        if owner is not None and (owner.pid_ns is not None or owner.host != socket.gethostname()):
+            reason = owner.gone()
         else:
             try:
                 age = now - job_dir.lstat().st_mtime

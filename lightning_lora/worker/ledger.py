@@ -5,7 +5,7 @@ twice at once (a worker's connection drops while it trains: the broker hands the
 message to another worker). The bucket holds what makes each job run and report once:
 
 * **Runs.** A job's key is its ``message_id``, else a hash of its body
-  (:func:`~lightning_lora.layout.job_key_for`). A first delivery of a message without a
+  (:func:`~lightning_lora.jobs.layout.job_key_for`). A first delivery of a message without a
   ``message_id`` is a new publication (the backend may publish the same body again to retrain a
   style), so it starts a new *generation* of that key; a redelivery (the broker's
   ``redelivered`` flag or a delivery count) continues the newest one (:meth:`Ledger.resolve_run`).
@@ -19,94 +19,47 @@ message to another worker). The bucket holds what makes each job run and report 
   every re-send is the same event (:meth:`Ledger.create_outcome`).
 * **Outbox.** Until the backend answers 2xx, the outcome also sits in ``outbox/`` where every
   worker's :class:`~lightning_lora.worker.outbox.Outbox` re-sends it with growing backoff.
+
+The ledger owns every one of these keys: nothing else reads or writes them, and each record is a
+typed :mod:`lightning_lora.worker.records` dataclass with one reader and one writer.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
-from collections.abc import Callable
-from typing import Any
-
-import psutil
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any, TypeVar
 
 from lightning_lora.clients.storage import S3Storage
-from lightning_lora.errors import PreconditionFailedError, StorageUnavailableError
-from lightning_lora.layout import (
+from lightning_lora.errors import DownloadError, PreconditionFailedError, StorageUnavailableError
+from lightning_lora.jobs.layout import (
+    OUTBOX_PREFIX,
     job_pointer_key,
     lease_key,
     outbox_key,
     outcome_key,
-    run_id_for,
+)
+from lightning_lora.worker.records import (
+    Holder,
+    JobPointer,
+    LeaseRecord,
+    OutboxEntry,
+    OutcomeRecord,
+    RecordError,
+    RunRef,
+    TerminalEvent,
 )
 
-__all__ = ["Holder", "Lease", "LeaseBusy", "Ledger", "RunRef"]
+__all__ = ["Lease", "LeaseBusy", "Ledger"]
 
 log = logging.getLogger(__name__)
 
 _MAX_CAS_TRIES = 20
-
-
-@dataclasses.dataclass(frozen=True)
-class Holder:
-    """Who holds a lease: a worker process."""
-
-    worker_id: str
-    host: str
-    pid: int
-    create_time: float
-
-    @classmethod
-    def this_process(cls) -> Holder:
-        """The current process, with a random id so two ledgers in one process differ."""
-        pid = os.getpid()
-        return cls(
-            worker_id=f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}",
-            host=socket.gethostname(),
-            pid=pid,
-            create_time=psutil.Process(pid).create_time(),
-        )
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Holder:
-        """The holder stored in a lease record."""
-        return cls(
-            worker_id=str(record.get("worker_id", "")),
-            host=str(record.get("host", "")),
-            pid=int(record.get("pid", 0) or 0),
-            create_time=float(record.get("create_time", 0.0) or 0.0),
-        )
-
-    def is_dead_here(self) -> bool:
-        """Whether this holder is a process of this host that no longer runs."""
-        if self.host != socket.gethostname() or self.pid <= 0:
-            return False
-        try:
-            return abs(psutil.Process(self.pid).create_time() - self.create_time) > 1.0
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            return True
-        except psutil.Error:
-            return False
-
-
-@dataclasses.dataclass(frozen=True)
-class RunRef:
-    """One run of a job: what every record of it is keyed by."""
-
-    style_id: int
-    job_key: str
-    generation: int
-
-    @property
-    def run_id(self) -> str:
-        """The run id (checkpoint folder name)."""
-        return run_id_for(self.job_key, self.generation)
+R = TypeVar("R")
 
 
 class LeaseBusy(Exception):
@@ -127,12 +80,12 @@ class Lease:
         lost: Set when a renewal found that another worker took the lease.
     """
 
-    def __init__(self, ledger: Ledger, run: RunRef, record: dict[str, Any], etag: str) -> None:
+    def __init__(self, ledger: Ledger, run: RunRef, record: LeaseRecord, etag: str) -> None:
         self._ledger = ledger
         self.run = run
         self.record = record
         self.etag = etag
-        self.attempts = int(record["attempts"])
+        self.attempts = record.attempts
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -160,11 +113,10 @@ class Lease:
             PreconditionFailedError: Someone else wrote the lease: it is lost.
         """
         with self._lock:
-            record = {**self.record, "expires_at": self._ledger.clock() + self._ledger.lease_ttl_s}
-            self.etag = self._ledger.storage.put_json(
-                lease_key(self.run.style_id, self.run.run_id), record, if_match=self.etag
+            expires_at = self._ledger.clock() + self._ledger.lease_ttl_s
+            self.record, self.etag = self._ledger.write_lease(
+                self.run, replace(self.record, expires_at=expires_at), if_match=self.etag
             )
-            self.record = record
 
     def release(self, *, finished: bool) -> None:
         """Stop renewing and give the lease up.
@@ -178,14 +130,13 @@ class Lease:
             self._thread.join(5)
         if self.lost.is_set():
             return
-        key = lease_key(self.run.style_id, self.run.run_id)
         try:
             with self._lock:
                 if finished:
-                    self._ledger.storage.delete_key(key, if_match=self.etag)
+                    self._ledger.drop_lease(self.run, if_match=self.etag)
                 else:
-                    released = {**self.record, "released": True, "expires_at": 0}
-                    self._ledger.storage.put_json(key, released, if_match=self.etag)
+                    released = replace(self.record, released=True, expires_at=0.0)
+                    self._ledger.write_lease(self.run, released, if_match=self.etag)
         except Exception as exc:  # it expires by itself
             log.warning("run %s: lease not released: %s", self.run.run_id, exc)
 
@@ -212,6 +163,23 @@ class Ledger:
         self.clock = clock
         self.holder = Holder.this_process()
 
+    # ----------------------------------------------------------------- reading records
+
+    def _read(self, key: str, reader: Callable[[Mapping[str, Any]], R]) -> tuple[R, str] | None:
+        """A record and its ETag, or ``None`` when absent.
+
+        Raises:
+            DownloadError: The record is not one the ledger writes (names its URL).
+        """
+        found = self.storage.get_json(key)
+        if found is None:
+            return None
+        raw, etag = found
+        try:
+            return reader(raw), etag
+        except RecordError as exc:
+            raise DownloadError(f"record {self.storage.s3_url(key)}: {exc}") from exc
+
     # ----------------------------------------------------------------- runs
 
     def resolve_run(self, style_id: int, job_key: str, *, new_publication: bool) -> RunRef:
@@ -228,25 +196,49 @@ class Ledger:
         """
         key = job_pointer_key(style_id, job_key)
         for _ in range(_MAX_CAS_TRIES):
-            found = self.storage.get_json(key)
+            found = self._read(key, JobPointer.from_json)
             try:
                 if found is None:
-                    self.storage.put_json(key, self._pointer(1), if_none_match=True)
+                    pointer = JobPointer(1, self.clock())
+                    self.storage.put_json(key, pointer.to_json(), if_none_match=True)
                     return RunRef(style_id, job_key, 1)
-                record, etag = found
-                generation = int(record.get("generation", 1))
+                current, etag = found
                 if not new_publication:
-                    return RunRef(style_id, job_key, generation)
-                self.storage.put_json(key, self._pointer(generation + 1), if_match=etag)
-                return RunRef(style_id, job_key, generation + 1)
+                    return RunRef(style_id, job_key, current.generation)
+                pointer = JobPointer(current.generation + 1, self.clock())
+                self.storage.put_json(key, pointer.to_json(), if_match=etag)
+                return RunRef(style_id, job_key, pointer.generation)
             except PreconditionFailedError:
                 continue  # another worker moved the pointer first: read it again
         raise StorageUnavailableError(f"could not settle the generation of job {job_key}")
 
-    def _pointer(self, generation: int) -> dict[str, Any]:
-        return {"generation": generation, "updated_at": self.clock()}
-
     # ----------------------------------------------------------------- leases
+
+    def lease(self, run: RunRef) -> LeaseRecord | None:
+        """The run's lease record, if any."""
+        found = self._read(lease_key(run.style_id, run.run_id), LeaseRecord.from_json)
+        return None if found is None else found[0]
+
+    def write_lease(
+        self, run: RunRef, record: LeaseRecord, *, if_match: str | None = None
+    ) -> tuple[LeaseRecord, str]:
+        """Write the run's lease (created only if absent when ``if_match`` is ``None``).
+
+        Returns:
+            The record written and its new ETag.
+
+        Raises:
+            PreconditionFailedError: Another worker wrote it first.
+        """
+        key = lease_key(run.style_id, run.run_id)
+        etag = self.storage.put_json(
+            key, record.to_json(), if_none_match=if_match is None, if_match=if_match
+        )
+        return record, etag
+
+    def drop_lease(self, run: RunRef, *, if_match: str) -> None:
+        """Delete the run's lease if it is still the version ``if_match``."""
+        self.storage.delete_key(lease_key(run.style_id, run.run_id), if_match=if_match)
 
     def acquire(self, run: RunRef) -> Lease:
         """Take the run's lease.
@@ -255,63 +247,70 @@ class Ledger:
             The lease, renewed in the background until released.
 
         Raises:
-            LeaseBusy: Another live worker holds it (not expired, holder not known dead).
+            LeaseBusy: Another live worker holds it (not expired, holder not known gone).
         """
         key = lease_key(run.style_id, run.run_id)
         for _ in range(_MAX_CAS_TRIES):
-            found = self.storage.get_json(key)
+            found = self._read(key, LeaseRecord.from_json)
             now = self.clock()
             try:
                 if found is None:
-                    record = self._lease_record(run, attempts=1, now=now)
-                    etag = self.storage.put_json(key, record, if_none_match=True)
+                    record, etag = self.write_lease(run, self._new_lease(run, 1, now))
                     return Lease(self, run, record, etag)
                 current, etag = found
-                holder = Holder.from_record(current.get("holder") or {})
-                released = bool(current.get("released"))
-                expired = float(current.get("expires_at", 0)) <= now
-                alive = not (released or expired or holder.is_dead_here())
+                holder = current.holder
+                expired = current.expires_at <= now
+                gone = None if current.released or expired else holder.owner.gone()
+                alive = not (current.released or expired or gone)
                 if alive and holder.worker_id != self.holder.worker_id:
-                    raise LeaseBusy(holder, float(current.get("expires_at", 0)))
-                attempts = int(current.get("attempts", 0)) + (0 if released else 1)
-                if not released:
+                    raise LeaseBusy(holder, current.expires_at)
+                attempts = current.attempts + (0 if current.released else 1)
+                if not current.released:
                     log.warning(
                         "run %s: taking over from %s (%s); attempt %d",
                         run.run_id,
                         holder.worker_id,
-                        "expired" if expired else "its process is gone",
+                        "expired" if expired else gone or "it is this worker's",
                         attempts,
                     )
-                record = self._lease_record(run, attempts=attempts, now=now)
-                etag = self.storage.put_json(key, record, if_match=etag)
+                record, etag = self.write_lease(
+                    run, self._new_lease(run, attempts, now), if_match=etag
+                )
                 return Lease(self, run, record, etag)
             except PreconditionFailedError:
                 continue
         raise StorageUnavailableError(f"could not settle the lease of run {run.run_id}")
 
-    def _lease_record(self, run: RunRef, attempts: int, now: float) -> dict[str, Any]:
-        return {
-            "run_id": run.run_id,
-            "holder": dataclasses.asdict(self.holder),
-            "attempts": attempts,
-            "acquired_at": now,
-            "expires_at": now + self.lease_ttl_s,
-            "released": False,
-        }
+    def _new_lease(self, run: RunRef, attempts: int, now: float) -> LeaseRecord:
+        return LeaseRecord(
+            run_id=run.run_id,
+            holder=self.holder,
+            attempts=attempts,
+            acquired_at=now,
+            expires_at=now + self.lease_ttl_s,
+        )
 
-    # ----------------------------------------------------------------- outcomes and outbox
+    # ----------------------------------------------------------------- outcomes
 
-    def outcome(self, run: RunRef) -> tuple[dict[str, Any], str] | None:
-        """The run's outcome record and its ETag, if the run has one."""
-        return self.storage.get_json(outcome_key(run.style_id, run.run_id))
+    def new_event(
+        self, run: RunRef, kind: str, payload: Mapping[str, Any], webhook_url: str, body: bytes
+    ) -> TerminalEvent:
+        """A terminal event of ``run``, created now."""
+        if kind not in ("complete", "failed"):
+            raise ValueError(f"terminal kind must be 'complete' or 'failed', not {kind!r}")
+        return TerminalEvent.create(run, kind, payload, webhook_url, body, self.clock())  # type: ignore[arg-type]
 
-    def create_outcome(self, run: RunRef, event: dict[str, Any], hold_s: float = 0.0) -> bool:
+    def outcome(self, run: RunRef) -> OutcomeRecord | None:
+        """The run's outcome, if it has one."""
+        found = self._read(outcome_key(run.style_id, run.run_id), OutcomeRecord.from_json)
+        return None if found is None else found[0]
+
+    def create_outcome(self, run: RunRef, event: TerminalEvent, hold_s: float = 0.0) -> bool:
         """Record the run's terminal event, once across all workers, and queue it in the outbox.
 
         Args:
             run: The run.
-            event: The event (``kind``, ``method``, ``path``, ``payload``, ``event_id``,
-                ``timestamp``, ``webhook_url``, ``body_b64`` ...).
+            event: Its terminal event.
             hold_s: The outbox leaves the entry alone this long (the creator's first delivery is
                 in progress; an outbox sending it meanwhile would deliver it twice).
 
@@ -319,46 +318,69 @@ class Ledger:
             ``True`` if this call created it (the caller sends it), ``False`` if the run already
             had an outcome (someone else reports it).
         """
-        record = {**event, "delivered": False, "created_at": self.clock()}
+        outcome = OutcomeRecord(event, created_at=self.clock())
+        key = outcome_key(run.style_id, run.run_id)
         try:
-            self.storage.put_json(outcome_key(run.style_id, run.run_id), record, if_none_match=True)
+            self.storage.put_json(key, outcome.to_json(), if_none_match=True)
         except PreconditionFailedError:
             return False
-        self.queue_outbox(run, record, due_in_s=hold_s)
+        self._put_outbox(run, outcome, due_in_s=hold_s)
         return True
 
-    def queue_outbox(self, run: RunRef, outcome: dict[str, Any], due_in_s: float = 0.0) -> None:
-        """Put (or put back) the outcome's outbox entry, due in ``due_in_s`` seconds."""
-        entry = {
-            **outcome,
-            "style_id": run.style_id,
-            "job_key": run.job_key,
-            "generation": run.generation,
-            "attempts": int(outcome.get("attempts", 0)),
-            "next_attempt_at": self.clock() + due_in_s,
-        }
-        self.storage.put_json(outbox_key(run.style_id, run.run_id), entry)
+    def ensure_outbox(self, run: RunRef, outcome: OutcomeRecord) -> None:
+        """Put an undelivered outcome back in the outbox if its entry is gone."""
+        if self._read(outbox_key(run.style_id, run.run_id), OutboxEntry.from_json) is None:
+            self._put_outbox(run, outcome)
+
+    def _put_outbox(self, run: RunRef, outcome: OutcomeRecord, due_in_s: float = 0.0) -> None:
+        entry = OutboxEntry(
+            event=outcome.event,
+            run=run,
+            created_at=outcome.created_at,
+            next_attempt_at=self.clock() + due_in_s,
+        )
+        self.storage.put_json(outbox_key(run.style_id, run.run_id), entry.to_json())
+
+    def mark_delivered(self, run: RunRef) -> None:
+        """The backend answered 2xx: flag the outcome and drop the outbox entry."""
+        key = outcome_key(run.style_id, run.run_id)
+        found = self._read(key, OutcomeRecord.from_json)
+        if found is not None and not found[0].delivered:
+            outcome, etag = found
+            delivered = replace(outcome, delivered=True, delivered_at=self.clock())
+            with contextlib.suppress(PreconditionFailedError):  # another worker marked it
+                self.storage.put_json(key, delivered.to_json(), if_match=etag)
+        self.storage.delete_key(outbox_key(run.style_id, run.run_id))
+
+    # ----------------------------------------------------------------- the outbox
+
+    def outbox_keys(self) -> list[str]:
+        """The keys of every pending outbox entry of the fleet."""
+        return self.storage.list_keys(OUTBOX_PREFIX)
+
+    def outbox_entry(self, key: str) -> tuple[OutboxEntry, str] | None:
+        """An outbox entry and its ETag, or ``None`` once it is gone."""
+        return self._read(key, OutboxEntry.from_json)
 
     def hand_to_outbox(self, run: RunRef) -> None:
         """The first delivery gave up: make the outbox entry due now (lift the hold)."""
         key = outbox_key(run.style_id, run.run_id)
-        found = self.storage.get_json(key)
+        found = self.outbox_entry(key)
         if found is not None:
             entry, etag = found
+            due = replace(entry, next_attempt_at=self.clock())
             with contextlib.suppress(PreconditionFailedError):  # an outbox already took it
-                self.storage.put_json(
-                    key, {**entry, "next_attempt_at": self.clock()}, if_match=etag
-                )
+                self.storage.put_json(key, due.to_json(), if_match=etag)
 
-    def mark_delivered(self, run: RunRef) -> None:
-        """The backend answered 2xx: flag the outcome and drop the outbox entry."""
-        found = self.outcome(run)
-        if found is not None and not found[0].get("delivered"):
-            record, etag = found
-            with contextlib.suppress(PreconditionFailedError):  # another worker marked it
-                self.storage.put_json(
-                    outcome_key(run.style_id, run.run_id),
-                    {**record, "delivered": True, "delivered_at": self.clock()},
-                    if_match=etag,
-                )
-        self.storage.delete_key(outbox_key(run.style_id, run.run_id))
+    def claim_outbox(self, key: str, entry: OutboxEntry, etag: str, next_attempt_at: float) -> bool:
+        """Claim an entry's next send (compare-and-set); ``False`` if another worker did."""
+        claimed = replace(entry, attempts=entry.attempts + 1, next_attempt_at=next_attempt_at)
+        try:
+            self.storage.put_json(key, claimed.to_json(), if_match=etag)
+        except PreconditionFailedError:
+            return False
+        return True
+
+    def drop_outbox(self, key: str, etag: str) -> bool:
+        """Delete an expired entry if it is still the version ``etag``."""
+        return self.storage.delete_key(key, if_match=etag)

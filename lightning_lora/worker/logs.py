@@ -1,7 +1,7 @@
 r"""Logging set-up of the worker: text or JSON lines, secrets masked, control characters escaped.
 
 :func:`configure_logging` puts one handler on the root logger. Every record goes through
-:class:`~lightning_lora.redaction.RedactingFilter` first (secrets become ``***``), then through
+:class:`~lightning_lora.clients.redaction.RedactingFilter` first (secrets become ``***``), then through
 the formatter, which escapes control characters and line separators, so that hostile text (an
 S3 key with a U+2028, a ``\r\n`` followed by a fake record, an ANSI escape) can neither split a
 record into several physical lines nor forge one. Escaping after redaction means an escape can
@@ -33,7 +33,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from lightning_lora.redaction import install_redaction, redact
+from lightning_lora.clients.redaction import install_redaction, redact
 
 __all__ = [
     "LOG_FORMATS",
@@ -178,7 +178,7 @@ def configure_logging(
     """Set up the root logger for the worker.
 
     Replaces the handler a previous call installed (other handlers are left alone), sets the
-    root level and installs :func:`~lightning_lora.redaction.install_redaction` on the root
+    root level and installs :func:`~lightning_lora.clients.redaction.install_redaction` on the root
     logger and its handlers.
 
     Args:

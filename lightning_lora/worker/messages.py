@@ -39,8 +39,9 @@ from pydantic import (
     model_validator,
 )
 
+from lightning_lora.clients.contract import check_style_id, style_id_problem
+from lightning_lora.clients.s3_names import s3_url_problem
 from lightning_lora.errors import InvalidMessageError
-from lightning_lora.layout import check_style_id, s3_url_problem, style_id_problem
 
 DEFAULT_MAX_IMAGES = 100
 """Default maximum number of ``image_urls`` in one job (see :func:`parse_job`)."""
@@ -79,7 +80,7 @@ def _check_no_control_chars(value: str, what: str) -> None:
 
 
 def check_s3_url(url: str) -> str:
-    """Validate an ``s3://bucket/key`` URL (:func:`~lightning_lora.layout.s3_url_problem`'s rules).
+    """Validate an ``s3://bucket/key`` URL (:func:`~lightning_lora.jobs.layout.s3_url_problem`'s rules).
 
     Args:
         url: The URL to check.

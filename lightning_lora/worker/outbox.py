@@ -1,6 +1,6 @@
 """Terminal webhooks that reach the backend even when it is down for hours.
 
-:class:`DurableSink` is the worker's :class:`~lightning_lora.job_report.TerminalSink`: a job's
+:class:`DurableSink` is the worker's :class:`~lightning_lora.jobs.report.TerminalSink`: a job's
 completion or failure is first created once in S3 (:meth:`Ledger.create_outcome`, so across all
 workers only one is ever sent for a run), then sent at once. If the backend does not answer 2xx
 within the client's budget, the event stays in ``outbox/``. Every worker runs an
@@ -12,24 +12,20 @@ window the job's message goes to the dead-letter queue with a log line naming it
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lightning_lora.clients.storage import S3Storage
+from lightning_lora.clients.backoff import backoff_delay
+from lightning_lora.clients.contract import complete_payload
 from lightning_lora.clients.webhook_client import WebhookClient
-from lightning_lora.clients.webhook_payloads import COMPLETE_PATH, FAILED_PATH, complete_payload
 from lightning_lora.clients.webhook_sender import WebhookSender
-from lightning_lora.errors import PreconditionFailedError
-from lightning_lora.jitter import RNG
-from lightning_lora.layout import OUTBOX_PREFIX
-from lightning_lora.worker.ledger import Ledger, RunRef
+from lightning_lora.worker.ledger import Ledger
 from lightning_lora.worker.messages import webhook_allowed
+from lightning_lora.worker.records import OutboxEntry, RunRef, TerminalEvent, TerminalKind
 
-__all__ = ["DurableSink", "Outbox", "outbox_delay", "terminal_event"]
+__all__ = ["DeadLetter", "DurableSink", "Outbox", "outbox_delay", "send_event"]
 
 log = logging.getLogger(__name__)
 
@@ -43,50 +39,18 @@ def outbox_delay(attempt: int, base_s: float, max_s: float) -> float:
     With the defaults (5 s, 2 h): 5 s, 15 s, 45 s, 2 min, 7 min, 20 min, 1 h, then every 2 h;
     each delay is drawn uniformly in ``[d/2, d]`` so workers don't re-send in lockstep.
     """
-    ceiling = min(max_s, base_s * 3 ** min(max(attempt, 0), 30))
-    return RNG.uniform(ceiling / 2, ceiling)
+    return backoff_delay(attempt, base_s, max_s, factor=3.0, low=0.5)
 
 
-def terminal_event(
-    run: RunRef,
-    kind: str,
-    payload: Mapping[str, Any],
-    webhook_url: str,
-    body: bytes,
-    now: float | None = None,
-) -> dict[str, Any]:
-    """A terminal webhook as stored in the outcome and outbox records.
-
-    Args:
-        run: The run it ends.
-        kind: ``"complete"`` or ``"failed"``.
-        payload: The contract's body.
-        webhook_url: The backend base URL of the job.
-        body: The job's message body (dead-lettered if the event is never acknowledged).
-        now: Creation time (Unix seconds), now if ``None``.
-    """
-    return {
-        "kind": kind,
-        "method": "POST",
-        "path": COMPLETE_PATH if kind == "complete" else FAILED_PATH,
-        "payload": dict(payload),
-        "event_id": f"ll-{run.run_id}-{kind}",
-        "timestamp": int(time.time() if now is None else now),
-        "webhook_url": webhook_url,
-        "run_id": run.run_id,
-        "body_b64": base64.b64encode(body).decode("ascii"),
-    }
-
-
-def send_event(client: WebhookClient, event: Mapping[str, Any], *, retry: bool) -> bool:
+def send_event(client: WebhookClient, event: TerminalEvent, *, retry: bool) -> bool:
     """Send a stored event as itself (same id and timestamp)."""
     return client.send(
-        str(event["method"]),
-        str(event["path"]),
-        event["payload"],
+        event.method,
+        event.path,
+        event.payload,
         retry=retry,
-        event_id=str(event["event_id"]),
-        timestamp=int(event["timestamp"]),
+        event_id=event.event_id,
+        timestamp=event.timestamp,
     )
 
 
@@ -97,7 +61,8 @@ class DurableSink:
         ledger: The fleet's ledger.
         run: The run being reported.
         webhook_url: The job's backend URL (allow-listed).
-        client: The HTTP client for the first delivery (its budget bounds the wait).
+        client: The HTTP client for the first delivery (its budget bounds the wait); the sink
+            owns it and closes it in :meth:`close`.
         body: The job's message body.
         sender: The job's progress sender, flushed first so progress never follows the end.
         on_pending: Called with the run when the first delivery failed (metrics).
@@ -129,10 +94,14 @@ class DurableSink:
         payload = {"style_id": style_id, "error_message": error_message, "error_code": error_code}
         return self._report("failed", payload)
 
-    def _report(self, kind: str, payload: dict[str, Any]) -> bool:
+    def close(self) -> None:
+        """Close the client of the first delivery."""
+        self.client.close()
+
+    def _report(self, kind: TerminalKind, payload: dict[str, Any]) -> bool:
         if self.sender is not None:
             self.sender.flush(self.client.timeout_s)
-        event = terminal_event(self.run, kind, payload, self.webhook_url, self.body)
+        event = self.ledger.new_event(self.run, kind, payload, self.webhook_url, self.body)
         # the first delivery's whole budget: the outbox must not send it meanwhile
         hold_s = self.client.max_total_s + self.client.timeout_s + 5.0
         try:
@@ -179,8 +148,7 @@ class Outbox:
     """Re-sends pending terminal webhooks of the whole fleet (any worker may send any entry).
 
     Args:
-        storage: The bucket.
-        ledger: The ledger (marks deliveries).
+        ledger: The ledger (the outbox's entries and the outcomes they deliver).
         client_factory: Makes the HTTP client for a webhook URL.
         allowlist: The webhook allowlist (entries whose URL left it are dropped).
         window_s: How long an event is re-sent before its job is dead-lettered.
@@ -192,7 +160,6 @@ class Outbox:
 
     def __init__(
         self,
-        storage: S3Storage,
         ledger: Ledger,
         client_factory: Callable[[str], WebhookClient],
         allowlist: list[str],
@@ -203,7 +170,6 @@ class Outbox:
         backoff_max_s: float = 7_200.0,
         dead_letter: DeadLetter | None = None,
     ) -> None:
-        self.storage = storage
         self.ledger = ledger
         self.client_factory = client_factory
         self.allowlist = list(allowlist)
@@ -238,7 +204,7 @@ class Outbox:
 
     def run_once(self) -> int:
         """Send every due entry once; return how many were sent successfully."""
-        keys = self.storage.list_keys(OUTBOX_PREFIX)
+        keys = self.ledger.outbox_keys()
         self.pending = len(keys)
         if self.on_scan is not None:
             self.on_scan(self.pending)
@@ -258,63 +224,55 @@ class Outbox:
         Returns:
             Whether the backend acknowledged it now.
         """
-        found = self.storage.get_json(key)
+        found = self.ledger.outbox_entry(key)
         if found is None:
             return False
         entry, etag = found
         now = self.ledger.clock()
-        if not force and float(entry.get("next_attempt_at", 0)) > now:
+        if not force and entry.next_attempt_at > now:
             return False
-        run = RunRef(int(entry["style_id"]), str(entry["job_key"]), int(entry["generation"]))
-        if now - float(entry.get("created_at", now)) > self.window_s:
-            self._expire(key, etag, entry, run)
+        run = entry.run
+        if now - entry.created_at > self.window_s:
+            self._expire(key, etag, entry)
             return False
-        url = str(entry.get("webhook_url", ""))
+        url = entry.event.webhook_url
         if not webhook_allowed(url, self.allowlist):
             log.error("outbox entry of run %s: its webhook_url left the allowlist", run.run_id)
             return False
-        attempts = int(entry.get("attempts", 0)) + 1
-        claimed = {
-            **entry,
-            "attempts": attempts,
-            "next_attempt_at": now
-            + outbox_delay(attempts - 1, self.backoff_base_s, self.backoff_max_s),
-        }
-        try:
-            self.storage.put_json(key, claimed, if_match=etag)
-        except PreconditionFailedError:
+        due = now + outbox_delay(entry.attempts, self.backoff_base_s, self.backoff_max_s)
+        if not self.ledger.claim_outbox(key, entry, etag, next_attempt_at=due):
             return False  # another worker is sending it
         client = self.client_factory(url)
         try:
-            ok = send_event(client, entry, retry=False)
+            ok = send_event(client, entry.event, retry=False)
         finally:
             client.close()
         if ok:
             self.ledger.mark_delivered(run)
             log.info(
                 "outbox: %s webhook of run %s delivered (attempt %d)",
-                entry.get("kind"),
+                entry.event.kind,
                 run.run_id,
-                attempts,
+                entry.attempts + 1,
             )
         return ok
 
-    def _expire(self, key: str, etag: str, entry: dict[str, Any], run: RunRef) -> None:
-        body = base64.b64decode(str(entry.get("body_b64", "")))
+    def _expire(self, key: str, etag: str, entry: OutboxEntry) -> None:
+        run = entry.run
         reason = (
-            f"its {entry.get('kind')} webhook was not acknowledged by the backend within "
-            f"{self.window_s:.0f}s ({entry.get('attempts', 0)} attempts)"
+            f"its {entry.event.kind} webhook was not acknowledged by the backend within "
+            f"{self.window_s:.0f}s ({entry.attempts} attempts)"
         )
         if self.dead_letter is not None:
             self.dead_letter(
-                body,
+                entry.event.body,
                 {
                     "x-lightning-lora-reason": reason,
                     "x-lightning-lora-run-id": run.run_id,
-                    "x-lightning-lora-event-id": str(entry.get("event_id")),
+                    "x-lightning-lora-event-id": entry.event.event_id,
                 },
             )
-        if self.storage.delete_key(key, if_match=etag):
+        if self.ledger.drop_outbox(key, etag):
             log.error(
                 "job %s (style %s, run %s) dead-lettered: %s",
                 run.job_key,

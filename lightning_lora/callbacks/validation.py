@@ -1,0 +1,92 @@
+"""Validation during training: the deterministic ``val/loss`` and sample grids at a fixed seed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from lightning_lora.training.inference import make_grid, sample_images
+
+__all__ = ["ValidationCallback"]
+
+log = logging.getLogger(__name__)
+
+
+class ValidationCallback(L.Callback):
+    """Every N epochs and at the end: log ``val/loss`` and save a sample grid."""
+
+    def __init__(
+        self,
+        samples_dir: str,
+        every_n_epochs: int = 1,
+        prompts: Sequence[str] = (),
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+        resolution: int | None = None,
+    ) -> None:
+        """Configure validation.
+
+        Args:
+            samples_dir: Where ``epoch_XXXX.png`` grids go.
+            every_n_epochs: Validation period in epochs (the last epoch is always validated).
+            prompts: Prompts of the sample grid; none means no grid.
+            num_inference_steps: Denoising steps per sample.
+            guidance_scale: Classifier-free guidance scale.
+            seed: Seed of the samples' noise (fixed, so grids are comparable across epochs).
+            resolution: Sample size; defaults to the training resolution.
+        """
+        self.samples_dir = Path(samples_dir)
+        self.every_n_epochs = max(1, every_n_epochs)
+        self.prompts = list(prompts)
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.seed = seed
+        self.resolution = resolution
+        self.last_grid: Path | None = None
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        return last or epoch % self.every_n_epochs == 0
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._due(trainer):
+            return
+        val_loss = pl_module.validation_loss()
+        pl_module.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
+        if self.prompts:
+            self._sample(trainer, pl_module)
+
+    @rank_zero_only
+    def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        resolution = self.resolution or getattr(trainer.datamodule, "resolution", 512)
+        images = sample_images(
+            pl_module,
+            self.prompts,
+            resolution,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.seed,
+        )
+        grid = make_grid(images)
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        path = self.samples_dir / f"epoch_{trainer.current_epoch + 1:04d}.png"
+        grid.save(path)
+        self.last_grid = path
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(
+                    "samples", np.asarray(grid), trainer.global_step, dataformats="HWC"
+                )
+            elif isinstance(logger, WandbLogger):
+                logger.log_image("samples", [grid], step=trainer.global_step)
+            elif isinstance(logger, MLFlowLogger):
+                logger.experiment.log_image(logger.run_id, grid, f"samples/{path.name}")
+        log.info("sample grid written to %s", path)

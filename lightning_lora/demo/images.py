@@ -1,0 +1,48 @@
+"""The embedded demo style: scenes of :mod:`lightning_lora.demo.shapes`, drawn in the demo style."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from lightning_lora.demo.shapes import STYLE_TOKEN, draw_styled_scene, random_scene
+
+DEMO_VERSION = "v2"
+
+
+def make_demo_images(
+    dest: str | Path,
+    count: int = 8,
+    size: int = 96,
+    caption_every: int = 2,
+    seed: int = 1234,
+) -> Path:
+    """Write the demo style's images and captions (idempotent).
+
+    Each image is a procedural scene ("a red circle on a blue background") drawn in the demo
+    style's four greens. Every ``caption_every``-th image gets a ``.txt`` caption naming its scene
+    and the style (``"..., in the style of lldemo"``); the rest fall back to the caption template,
+    as in a real style folder.
+
+    Args:
+        dest: Folder to fill.
+        count: Number of images.
+        size: Side length in pixels.
+        caption_every: Caption every N-th image (1: all of them).
+        seed: Seed of the scenes.
+
+    Returns:
+        The folder.
+    """
+    dest = Path(dest)
+    if dest.is_dir() and len(list(dest.glob("*.png"))) == count:
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(count):
+        scene = random_scene(rng)
+        draw_styled_scene(scene, size).save(dest / f"demo_{i:02d}.png")
+        if i % caption_every == 0:
+            caption = f"{scene.caption}, in the style of {STYLE_TOKEN}"
+            (dest / f"demo_{i:02d}.txt").write_text(caption, encoding="utf-8")
+    return dest

@@ -1,0 +1,1 @@
+"""Command-line tools: ``lightning-lora-train``, ``lightning-lora-generate``, the sweep report."""

@@ -1,0 +1,262 @@
+"""Inference: pipelines over loaded components, sample images and grids, LoRAs as adapters.
+
+:func:`sample_images` generates with the module being trained (the validation and style-report
+callbacks); :func:`load_pipeline` and :func:`add_loras` load a base model and trained LoRAs for
+``lightning-lora-generate`` and the demo's checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers.training_utils import cast_training_params
+from PIL import Image
+
+from lightning_lora.lora.export import DIFFUSERS_WEIGHT_NAME
+from lightning_lora.training.models import SDComponents, load_components
+
+log = logging.getLogger(__name__)
+
+
+def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
+    """Paste images of equal size into one grid image.
+
+    Args:
+        images: The images, row by row.
+        cols: Columns; defaults to ``ceil(sqrt(n))``.
+
+    Returns:
+        The grid.
+    """
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def build_pipeline(
+    components: SDComponents, unet: torch.nn.Module | None = None
+) -> StableDiffusionPipeline:
+    """An inference pipeline over already-loaded components (nothing is loaded again).
+
+    Args:
+        components: The frozen SD1.5 parts.
+        unet: The UNet to use (defaults to ``components.unet``).
+
+    Returns:
+        A ``StableDiffusionPipeline`` with a DPM-Solver++ scheduler and no safety checker.
+    """
+    return StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=unet or components.unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@torch.no_grad()
+def generate(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    resolution: int,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    lora_scale: float | None = None,
+) -> list[Image.Image]:
+    """Generate one image per prompt at a fixed seed (the same noise for every call).
+
+    Args:
+        pipe: The pipeline.
+        prompts: Prompts.
+        resolution: Image side in pixels.
+        steps: Denoising steps.
+        guidance_scale: Classifier-free guidance scale.
+        seed: Seed of the initial noise (per prompt: ``seed + index``).
+        lora_scale: Scale of the LoRA adapter (``None`` keeps the adapter as it is).
+
+    Returns:
+        The images.
+    """
+    device = pipe.unet.device
+    images = []
+    kwargs = {} if lora_scale is None else {"cross_attention_kwargs": {"scale": lora_scale}}
+    for i, prompt in enumerate(prompts):
+        gen = torch.Generator(device="cpu").manual_seed(seed + i)
+        side = resolution // pipe.vae_scale_factor
+        latents = torch.randn((1, pipe.unet.config.in_channels, side, side), generator=gen).to(
+            device, pipe.unet.dtype
+        )
+        out = pipe(
+            prompt,
+            height=resolution,
+            width=resolution,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            latents=latents,
+            output_type="pil",
+            **kwargs,
+        )
+        images.append(out.images[0])
+    return images
+
+
+def sample_images(
+    pl_module: L.LightningModule,
+    prompts: Sequence[str],
+    resolution: int,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+) -> list[Image.Image]:
+    """Generate with the module being trained, then put it back as it was for training.
+
+    The UNet and text encoder are switched to eval mode (LoRA dropout off) and, when EMA or
+    schedule-free is on, to their averaged weights.
+
+    Args:
+        pl_module: The :class:`~lightning_lora.training.module.LoRAModule`.
+        prompts: One image per prompt.
+        resolution: Image side in pixels.
+        steps: Denoising steps.
+        guidance_scale: Classifier-free guidance scale.
+        seed: Seed of the noise (per prompt: ``seed + index``).
+
+    Returns:
+        The images.
+    """
+    components = SDComponents(
+        pl_module.unet,
+        pl_module.vae,
+        pl_module.text_encoder,
+        pl_module.tokenizer,
+        pl_module.noise_scheduler,
+        "",
+    )
+    pipe = build_pipeline(components)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = pl_module.unet.training, pl_module.text_encoder.training
+    pl_module.unet.eval()
+    pl_module.text_encoder.eval()  # a trained text encoder's LoRA dropout off too
+    # the EMA's / schedule-free's averaged weights when they are on
+    weights = getattr(pl_module, "evaluation_weights", contextlib.nullcontext)
+    try:
+        with weights():
+            return generate(pipe, prompts, resolution, steps, guidance_scale, seed)
+    finally:
+        pl_module.unet.train(was_training[0])
+        pl_module.text_encoder.train(was_training[1])
+        cast_training_params([pl_module.unet, pl_module.text_encoder], dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class LoadedLora:
+    """A LoRA loaded into a pipeline.
+
+    Attributes:
+        adapter: Its adapter name in the pipeline.
+        source: The path or hub id it came from.
+        weight: Its ``set_adapters`` weight (multiplied by the LoRA scale when generating).
+    """
+
+    adapter: str
+    source: str
+    weight: float
+
+
+def _lora_location(source: str | Path) -> tuple[str, str | None]:
+    """``(folder_or_hub_id, weight_name)`` for ``load_lora_weights``."""
+    path = Path(source)
+    if path.is_file():
+        return str(path.parent), path.name
+    if path.is_dir():
+        if (path / DIFFUSERS_WEIGHT_NAME).is_file():
+            return str(path), DIFFUSERS_WEIGHT_NAME
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) == 1:
+            return str(path), files[0].name
+        raise ValueError(
+            f"{path} holds {len(files)} .safetensors files and no {DIFFUSERS_WEIGHT_NAME}; "
+            "pass the file itself"
+        )
+    return str(source), None  # a hub id
+
+
+def load_pipeline(
+    model: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> StableDiffusionPipeline:
+    """Load a base SD1.5 model as an inference pipeline (DPM-Solver++, no safety checker).
+
+    The components are loaded afresh (not shared with training in the same process), so adding
+    LoRAs to this pipeline never touches another pipeline's UNet.
+
+    Args:
+        model: A hub id or a local diffusers pipeline folder.
+        device: Where to run.
+        dtype: Weight dtype (``float16`` on a GPU, ``float32`` on CPU).
+
+    Returns:
+        The pipeline.
+    """
+    components = load_components(str(model), torch_dtype=dtype, reuse=False)
+    pipe = build_pipeline(components).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def add_loras(
+    pipe: StableDiffusionPipeline,
+    sources: Sequence[str | Path],
+    weights: Sequence[float] | None = None,
+) -> list[LoadedLora]:
+    """Load LoRAs into the pipeline as adapters ``lora0``, ``lora1``, ... and activate them all.
+
+    Args:
+        pipe: The pipeline.
+        sources: LoRA folders, files (diffusers or kohya format) or hub ids.
+        weights: One ``set_adapters`` weight per LoRA (default 1.0 each).
+
+    Returns:
+        The loaded adapters.
+
+    Raises:
+        ValueError: If the number of weights does not match the number of LoRAs.
+    """
+    weights = list(weights) if weights else [1.0] * len(sources)
+    if len(weights) != len(sources):
+        raise ValueError(f"{len(sources)} LoRAs but {len(weights)} weights")
+    loaded = []
+    for i, (source, weight) in enumerate(zip(sources, weights, strict=True)):
+        location, weight_name = _lora_location(source)
+        adapter = f"lora{i}"
+        pipe.load_lora_weights(location, weight_name=weight_name, adapter_name=adapter)
+        loaded.append(LoadedLora(adapter, str(source), float(weight)))
+        log.info("loaded LoRA %s as %s (weight %s)", source, adapter, weight)
+    return loaded
+
+
+def set_lora_scale(
+    pipe: StableDiffusionPipeline, loras: Sequence[LoadedLora], scale: float
+) -> None:
+    """Set every adapter's strength to ``weight * scale`` (0 turns the LoRAs off exactly)."""
+    if loras:
+        pipe.set_adapters([lo.adapter for lo in loras], [lo.weight * scale for lo in loras])

@@ -1,0 +1,203 @@
+"""``train(cfg)``: the one training path for the CLI, notebooks and the queue worker.
+
+The Hydra entry point (:mod:`lightning_lora.tools.train`) is a thin wrapper around
+:func:`train`; notebooks build the same config with
+:func:`~lightning_lora.config.compose_config`; the worker composes ``worker.yaml`` and sets the
+job's values. Callbacks and loggers are built from the config (``_target_`` entries); callers add
+their own (the worker's progress and S3 callbacks) through ``callbacks``. :func:`train` knows no
+callback class: a callback contributes to the result through :class:`RunSummary` (figures merged
+into the metrics) and :class:`SampleGridSource` (the newest sample grid).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import lightning_lora
+from lightning_lora.lora.export import LoraFiles, export_lora
+from lightning_lora.lora.text_encoder import build_lora_configs
+from lightning_lora.training.metadata import training_options_metadata
+from lightning_lora.training.precision import frozen_weight_dtype, precision_info
+from lightning_lora.training.provenance import write_run_info
+
+__all__ = ["RunSummary", "SampleGridSource", "TrainResult", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class RunSummary(Protocol):
+    """A callback whose run figures (``samples_per_s``, ``peak_rss_gib``...) join the metrics."""
+
+    def summary(self) -> dict[str, float]:
+        """The run's figures, merged into :attr:`TrainResult.metrics` after ``fit``."""
+        ...
+
+
+@runtime_checkable
+class SampleGridSource(Protocol):
+    """A callback that writes sample grids (:attr:`TrainResult.sample_grid` is its newest)."""
+
+    last_grid: Path | None
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    Attributes:
+        output_dir: The run's folder.
+        lora: The exported LoRA files (``None`` on non-zero ranks).
+        metrics: Final logged metrics (``train/loss``, ``val/loss``, ``perf/samples_per_s``, ...)
+            plus the run summary (samples, train_seconds, samples_per_s, epochs, steps).
+        last_checkpoint: The last Lightning checkpoint, if checkpointing was on.
+        sample_grid: The last validation sample grid, if prompts were set.
+        metadata: The metadata written into the LoRA files.
+    """
+
+    output_dir: Path
+    lora: LoraFiles | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    last_checkpoint: Path | None = None
+    sample_grid: Path | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def objective(self, name: str) -> float:
+        """The metric a sweep optimizes.
+
+        Raises:
+            KeyError: The run did not log it (a sweep must never get ``None`` silently): the
+                message lists the metrics that were logged.
+        """
+        if name not in self.metrics:
+            logged = ", ".join(sorted(self.metrics)) or "none"
+            raise KeyError(
+                f"optimized_metric {name!r} was not logged by this run (logged: {logged}); "
+                "set optimized_metric or make sure validation runs (validation.every_n_epochs)"
+            )
+        return self.metrics[name]
+
+
+def _instantiate_dict(node: DictConfig | None, kind: str) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a named dict (callbacks, loggers)."""
+    if not node:
+        return []
+    out = []
+    for name, entry in node.items():
+        if isinstance(entry, DictConfig) and "_target_" in entry:
+            log.debug("instantiating %s %s <%s>", kind, name, entry._target_)
+            out.append(instantiate(entry))
+    return out
+
+
+def train(
+    cfg: DictConfig,
+    callbacks: Sequence[L.Callback] = (),
+    ckpt_path: str | Path | None = None,
+) -> TrainResult:
+    """Train a LoRA as the config says and export it.
+
+    Args:
+        cfg: The composed config (see ``configs/train.yaml``).
+        callbacks: Extra callbacks (the worker adds its webhook and S3 callbacks here).
+        ckpt_path: Resume from this Lightning checkpoint (overrides ``cfg.ckpt_path``).
+
+    Returns:
+        The outputs and metrics of the run.
+    """
+    OmegaConf.resolve(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    trainer_cb = _instantiate_dict(cfg.get("callbacks"), "callback") + list(callbacks)
+    loggers = _instantiate_dict(cfg.get("logger"), "logger")
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=trainer_cb, logger=loggers or False)
+    for run_logger in trainer.loggers:  # the whole resolved config: sweeps see what they vary
+        run_logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    precision = precision_info(
+        str(trainer.precision),
+        trainer.strategy.root_device.type,
+        requested=str(cfg.trainer.get("precision", trainer.precision)),
+    )
+    if trainer.is_global_zero:
+        log.info(
+            "precision %s (requested %s) on %s: frozen weights %s, LoRA parameters %s",
+            precision["precision"],
+            precision["requested_precision"],
+            precision["accelerator"],
+            precision["frozen_weight_dtype"],
+            precision["lora_parameter_dtype"],
+        )
+        if "precision_hint" in precision:
+            log.info(precision["precision_hint"])
+        write_run_info(cfg, output_dir, precision)
+    dtype = frozen_weight_dtype(str(trainer.precision), trainer.strategy.root_device.type)
+    components = instantiate(cfg.model, torch_dtype=dtype)
+    lora, text_encoder_lora, text_encoder_lr = build_lora_configs(cfg.lora)
+    # with lora.text_encoder.enabled, latents stay cached but captions are encoded every step
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module, _partial_=True)(
+        components=components,
+        lora=lora,
+        caption_dropout=cfg.data.caption_dropout,
+        lora_seed=cfg.seed,
+        text_encoder_lora=text_encoder_lora,
+        text_encoder_lr=text_encoder_lr,
+    )
+    # the LoRA init above used cfg.seed on every rank (identical weights); the per-step draws
+    # (latent samples, noise, timesteps) are decorrelated across data-parallel ranks
+    L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.get("allow_tf32", True))
+        torch.backends.cudnn.allow_tf32 = bool(cfg.get("allow_tf32", True))
+    resume = ckpt_path if ckpt_path is not None else cfg.get("ckpt_path")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+
+    grids = [c.last_grid for c in trainer.callbacks if isinstance(c, SampleGridSource)]
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics.update({"epochs": float(trainer.current_epoch), "steps": float(trainer.global_step)})
+    for callback in trainer.callbacks:  # each callback publishes its run summary into the metrics
+        if isinstance(callback, RunSummary):
+            metrics.update(callback.summary())  # samples_per_s, peak_rss_gib, resumed_from_epoch
+    metadata = {
+        "lightning_lora_version": lightning_lora.__version__,
+        "base_model": str(cfg.model.pretrained_model_name_or_path),
+        "network_module": "networks.lora",
+        "network_dim": module.lora_config.r,
+        "network_alpha": module.lora_config.lora_alpha,
+        "target_modules": sorted(module.lora_config.target_modules),
+        "num_epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "resolution": datamodule.resolution,
+        # images per aspect-ratio bucket, as kohya records it (ss_bucket_info in the LoRA files)
+        "bucket_info": datamodule.bucket_info(),
+        "num_train_images": datamodule.num_images,
+        "dataset_hash": datamodule.dataset_hash(),
+        "learning_rate": float(cfg.module.optimizer.lr),
+        "seed": int(cfg.seed),
+        **training_options_metadata(cfg, module),
+    }
+    lora_files = None
+    ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or None
+    if trainer.is_global_zero:
+        text_encoder = module.text_encoder if module.trains_text_encoder else None
+        with module.evaluation_weights():  # the EMA's / schedule-free's weights when they are on
+            lora_files = export_lora(module.unet, output_dir / "lora", metadata, text_encoder)
+        summary = {"metrics": metrics, "metadata": metadata, "lora": str(lora_files.diffusers)}
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return TrainResult(
+        output_dir=output_dir,
+        lora=lora_files,
+        metrics=metrics,
+        last_checkpoint=Path(ckpt) if ckpt else None,
+        sample_grid=next((g for g in grids if g is not None), None),
+        metadata=metadata,
+    )
