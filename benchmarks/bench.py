@@ -9,8 +9,8 @@ steps of a real ``train(cfg)``) and ``job`` (a whole warm-worker job). See
 
 The model has SD1.5's architecture (or, with ``--tiny``, the default on a CPU, its layout with few
 channels) and random weights, saved once as a diffusers folder and loaded through
-:func:`lightning_lora.training.models.load_components` like a real model. MFU is model FLOPs (UNet forward
-plus LoRA-training backward, counted on the meta device) times samples/s over the device's
+:func:`lightning_lora.training.models.load_components` like a real model. MFU is model FLOPs (UNet
+forward plus LoRA-training backward, counted on the meta device) times samples/s over the device's
 matrix rate (``--peak-tflops``; 790 TFLOP/s, the bf16 rate measured on this project's H200s).
 
 Examples::

@@ -6,7 +6,8 @@ blocks, two layers per block: 16 transformer blocks and 22 ResNet blocks in the 
 * ``sd15``: SD1.5's sizes (the ``config.json`` files of ``stable-diffusion-v1-5``: UNet channels
   320/640/1280/1280 with 768-wide cross-attention, the 4-level VAE with 128-512 channels, the
   12-layer 768-wide CLIP-L text encoder).
-* ``tiny``: the project's tiny test model (:mod:`lightning_lora.training.models`) with SD1.5's two layers
+* ``tiny``: the project's tiny test model (:mod:`lightning_lora.training.models`) with SD1.5's two
+layers
   per block, so that regional compilation sees as many repeated blocks as on the real model.
 
 Weights are random (seed 0); folders are saved once and loaded with

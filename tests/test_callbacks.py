@@ -192,7 +192,7 @@ def production_run(
         for name, value in fake_aws_env(moto_s3.endpoint_url, moto_s3.create_bucket()).items():
             mp.setenv(name, value)
         mp.delenv("INTERNAL_API_TOKEN", raising=False)
-        storage = S3Storage(retry_budget_s=2, connect_timeout_s=2, read_timeout_s=10)
+        storage = S3Storage.from_env(retry_budget_s=2, connect_timeout_s=2, read_timeout_s=10)
         probe = Probe(storage)
         root.addHandler(logs)
         root.setLevel(logging.DEBUG)
@@ -396,7 +396,7 @@ def test_final_upload_failure_is_upload_failed_and_checkpoint_failures_only_warn
     s3_env: S3Storage,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    missing = S3Storage(bucket=f"missing-{uuid.uuid4().hex[:12]}", retry_budget_s=0)
+    missing = S3Storage.from_env(bucket=f"missing-{uuid.uuid4().hex[:12]}", retry_budget_s=0)
     cfg = make_cfg(*FAST, "trainer.max_epochs=2", *NO_LOGGER)
     checkpoints = S3CheckpointCallback(missing, checkpoint_prefix(STYLE_ID), every_n_epochs=1)
     caplog.set_level(logging.WARNING, logger="lightning_lora")

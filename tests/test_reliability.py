@@ -192,7 +192,7 @@ def _gated_storage(stack: dict, budget_s: float) -> tuple[TcpGate, S3Storage]:
     good = stack["storage"]
     gate = TcpGate(int(good.endpoint_url.rsplit(":", 1)[1]))
     gate.open()
-    storage = S3Storage(
+    storage = S3Storage.from_env(
         bucket=good.bucket,
         endpoint_url=f"http://127.0.0.1:{gate.port}",
         retry_budget_s=budget_s,

@@ -157,7 +157,7 @@ def test_upload_download_exists_list_delete(s3_env: S3Storage, tmp_path: Path) -
 
 
 def test_multipart_upload(s3_env: S3Storage, tmp_path: Path) -> None:
-    storage = S3Storage(multipart_threshold_mb=5)
+    storage = S3Storage.from_env(multipart_threshold_mb=5)
     source = tmp_path / "big.bin"
     source.write_bytes(b"\x01" * (6 * 1024 * 1024))
     storage.upload_file(source, "models/big.bin")
@@ -327,7 +327,7 @@ def test_sniffing_reads_magic_bytes_not_names(tmp_path: Path) -> None:
 def test_unreachable_store_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in fake_aws_env(closed_port_url(), "some-bucket").items():
         monkeypatch.setenv(name, value)
-    storage = S3Storage(retry_budget_s=1.0, connect_timeout_s=1, read_timeout_s=1)
+    storage = S3Storage.from_env(retry_budget_s=1.0, connect_timeout_s=1, read_timeout_s=1)
     source = tmp_path / "f.bin"
     source.write_bytes(b"x")
     start = time.monotonic()

@@ -21,10 +21,10 @@ does not wait on the network. The job hands it the prefix (``checkpoints/style_{
 ``trainer.save_checkpoint`` is called on every rank (it is collective); only global rank zero
 uploads.
 
-:func:`find_resume_checkpoint` lists the checkpoints under a prefix, downloads the newest and checks that it
-loads (``torch.load`` with ``weights_only=True``: a file from the bucket cannot run code) and has
-``state_dict`` and ``loops``; a corrupt or partial one is skipped with a warning and the next older
-one is tried. ``train(cfg, callbacks, ckpt_path=path)`` then resumes from it.
+:func:`find_resume_checkpoint` lists the checkpoints under a prefix, downloads the newest and checks
+that it loads (``torch.load`` with ``weights_only=True``: a file from the bucket cannot run code)
+and has ``state_dict`` and ``loops``; a corrupt or partial one is skipped with a warning and the
+next older one is tried. ``train(cfg, callbacks, ckpt_path=path)`` then resumes from it.
 
 Config: ``reporting.s3_checkpoint`` (``configs/reporting/default.yaml``) is a ``_partial_`` target
 (``every_n_epochs``, ``keep_last``, ``dirpath``, ``final_wait_s``): the callback needs the job's

@@ -13,9 +13,9 @@ Logged metric names (``prefix`` defaults to ``mem``):
 * on CPU (or any non-CUDA device): ``mem/rss_gib`` and ``mem/peak_rss_gib``.
 
 The peaks of the whole run are :attr:`VramCallback.peak_gib` and :attr:`VramCallback.peak_rss_gib`
-and :meth:`VramCallback.summary`, which :func:`lightning_lora.training.run.train` merges into the run's
-metrics (``peak_vram_gib``, ``peak_rss_gib``) and :mod:`lightning_lora.jobs.runner` puts into the
-completion webhook's metadata.
+and :meth:`VramCallback.summary`, which :func:`lightning_lora.training.run.train` merges into the
+run's metrics (``peak_vram_gib``, ``peak_rss_gib``) and :mod:`lightning_lora.jobs.runner` puts into
+the completion webhook's metadata.
 
 Config: ``configs/callbacks/vram.yaml`` (included by ``callbacks=production``).
 """

@@ -35,7 +35,7 @@ EXTENSIONS_BY_FORMAT: dict[str, tuple[str, ...]] = {
     "PNG": (".png",),
     "WEBP": (".webp",),
 }
-#: The extensions of training images (``lightning_lora.data.datamodule.find_style_images`` lists these).
+#: The extensions of training images (``lightning_lora.data.image_folder`` lists these).
 IMAGE_EXTENSIONS: tuple[str, ...] = tuple(e for exts in EXTENSIONS_BY_FORMAT.values() for e in exts)
 #: How the supported formats are named in error messages.
 SUPPORTED_FORMAT_NAMES = "JPEG, PNG, WebP"
@@ -163,8 +163,9 @@ def local_image_name(index: int, key: str, width: int = 4, image_format: str | N
         key: The image's object key.
         width: Zero-padding of the index.
         image_format: The content's format (``"JPEG"``, ``"PNG"`` or ``"WEBP"``, from
-            :func:`~lightning_lora.clients.image_types.sniff_image_format`): the name then ends in its
-            extension (:func:`~lightning_lora.clients.image_types.with_image_extension`), whatever the key's.
+            :func:`~lightning_lora.clients.image_types.sniff_image_format`): the name then ends in
+            its extension (:func:`~lightning_lora.clients.image_types.with_image_extension`),
+            whatever the key's.
 
     Returns:
         E.g. ``0003_1.jpg``; ``0004_3f2a9c.png`` for the key ``3f2a9c`` holding a PNG.

@@ -1,11 +1,10 @@
 """S3 failures: which ones may pass by themselves, and retrying those within a time budget.
 
-Every S3 call of :class:`~lightning_lora.clients.storage.S3Storage` goes through
-:func:`retrying`: connection errors, timeouts, 5xx and throttling are retried with exponential
-backoff and full jitter (tenacity, with :mod:`lightning_lora.clients.backoff`'s RNG) until the budget is
-spent, then raised as :class:`~lightning_lora.errors.StorageUnavailableError`, which the worker
-answers by requeueing the job rather than failing it. Anything else (404, 403, 412) is raised
-at once.
+Every S3 call of :class:`~lightning_lora.clients.storage.S3Storage` goes through :func:`retrying`:
+connection errors, timeouts, 5xx and throttling are retried with exponential backoff and full jitter
+(tenacity, with :mod:`lightning_lora.clients.backoff`'s RNG) until the budget is spent, then raised
+as :class:`~lightning_lora.errors.StorageUnavailableError`, which the worker answers by requeueing
+the job rather than failing it. Anything else (404, 403, 412) is raised at once.
 """
 
 from __future__ import annotations

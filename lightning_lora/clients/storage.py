@@ -1,15 +1,14 @@
 """S3 object storage: training images in, checkpoints and LoRA weights out.
 
-Configuration comes from the environment: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
-(through boto3's default credential chain), ``S3_BUCKET`` (default ``stylelicense-models``) and
-optionally ``S3_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL``) for S3-compatible stores.
+An :class:`S3Storage` is given its bucket, endpoint and retry budget; it reads no environment
+itself (the worker passes its checked settings). :meth:`S3Storage.from_env` builds one from the
+variables of :data:`S3_ENV` for use outside the worker (notebooks, scripts): ``S3_BUCKET``
+(default ``stylelicense-models``), ``S3_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL``) for
+S3-compatible stores, and ``S3_RETRY_BUDGET_S``. Credentials come from boto3's default chain
+(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``...).
 
-Layout in the bucket:
-
-* ``models/style_{style_id}/lora_weights.safetensors``: the final LoRA (:func:`model_key`);
-* ``models/style_{style_id}/lora_kohya.safetensors``: the same in kohya format
-  (:func:`kohya_key`);
-* ``checkpoints/style_{style_id}/...``: training checkpoints (:func:`checkpoint_prefix`).
+Which keys this package writes is :mod:`lightning_lora.jobs.layout`'s; S3's own naming rules are
+:mod:`lightning_lora.clients.s3_names`'.
 
 Failures are raised as :class:`~lightning_lora.errors.DownloadError`,
 :class:`~lightning_lora.errors.UploadError`, :class:`~lightning_lora.errors.InvalidImageError`,
@@ -52,11 +51,18 @@ from lightning_lora.errors import (
     UploadError,
 )
 
-__all__ = ["DEFAULT_BUCKET", "S3Storage"]
+__all__ = ["DEFAULT_BUCKET", "S3_ENV", "S3Storage"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BUCKET = "stylelicense-models"
+S3_ENV: dict[str, tuple[str, ...]] = {
+    "bucket": ("S3_BUCKET",),
+    "endpoint_url": ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"),
+    "retry_budget_s": ("S3_RETRY_BUDGET_S",),
+}
+"""The variable(s) of each :class:`S3Storage` setting (the first one set wins); the worker's
+settings read the same ones (:data:`lightning_lora.worker.settings.WORKER_ENV`)."""
 MIB = 1024 * 1024
 _CHUNK_BYTES = MIB
 
@@ -68,13 +74,12 @@ class S3Storage:
     """An S3 bucket accessed through boto3, with bounded retries and timeouts.
 
     Args:
-        bucket: Bucket name; ``S3_BUCKET`` or ``stylelicense-models`` when ``None``.
-        endpoint_url: S3-compatible endpoint; ``S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL`` when
-            ``None`` (AWS itself when neither is set).
+        bucket: Bucket name.
+        endpoint_url: S3-compatible endpoint (path-style addressing); AWS itself when ``None``.
         region_name: AWS region; boto3's default resolution when ``None``.
         retry_budget_s: Seconds each operation keeps retrying transient failures (connection
             refused or reset, timeouts, 5xx, throttling), with exponential backoff and full
-            jitter; ``S3_RETRY_BUDGET_S`` or 300 when ``None``. Past it the operation raises
+            jitter. Past it the operation raises
             :class:`~lightning_lora.errors.StorageUnavailableError`.
         connect_timeout_s: Connect timeout per request.
         read_timeout_s: Read timeout per request.
@@ -83,26 +88,19 @@ class S3Storage:
 
     def __init__(
         self,
-        bucket: str | None = None,
+        bucket: str = DEFAULT_BUCKET,
         endpoint_url: str | None = None,
         region_name: str | None = None,
-        retry_budget_s: float | None = None,
+        retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
         connect_timeout_s: float = 5,
         read_timeout_s: float = 60,
         multipart_threshold_mb: int = 8,
     ) -> None:
-        self.bucket = bucket or os.environ.get("S3_BUCKET") or DEFAULT_BUCKET
+        self.bucket = bucket
         problem = bucket_problem(self.bucket)
         if problem:
             raise ValueError(f"invalid bucket {self.bucket!r}: {problem}")
-        self.endpoint_url = (
-            endpoint_url
-            or os.environ.get("S3_ENDPOINT_URL")
-            or os.environ.get("AWS_ENDPOINT_URL")
-            or None
-        )
-        if retry_budget_s is None:
-            retry_budget_s = float(os.environ.get("S3_RETRY_BUDGET_S") or DEFAULT_RETRY_BUDGET_S)
+        self.endpoint_url = endpoint_url or None
         if retry_budget_s < 0:
             raise ValueError("retry_budget_s must be >= 0")
         self.retry_budget_s = float(retry_budget_s)
@@ -123,6 +121,25 @@ class S3Storage:
         self.transfer_config = boto3.s3.transfer.TransferConfig(
             multipart_threshold=int(multipart_threshold_mb * MIB), max_concurrency=4
         )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> S3Storage:
+        """A storage configured by :data:`S3_ENV`'s variables (``overrides`` win).
+
+        Args:
+            env: The environment (``os.environ`` when ``None``).
+            **overrides: Any :class:`S3Storage` argument.
+
+        Raises:
+            ValueError: ``S3_RETRY_BUDGET_S`` is not a number, or the bucket name is invalid.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name, variables in S3_ENV.items():
+            found = next((env[v] for v in variables if env.get(v, "").strip()), None)
+            if found is not None:
+                values[name] = float(found) if name == "retry_budget_s" else found
+        return cls(**{**values, **overrides})
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(bucket={self.bucket!r}, endpoint_url={self.endpoint_url!r})"

@@ -1,9 +1,9 @@
 """The style dataset: an image folder with captions, aspect-ratio buckets, masks and latent caching.
 
-Images are grouped into aspect-ratio buckets (:mod:`lightning_lora.data.buckets`), captions come from
-caption files, ``metadata.jsonl`` or the template (:mod:`lightning_lora.data.captions`), masks weight
-the loss (:mod:`lightning_lora.data.masks`), and the encoded latents live on the device or in a disk
-cache (:mod:`lightning_lora.data.latent_cache`).
+Images are grouped into aspect-ratio buckets (:mod:`lightning_lora.data.buckets`), captions come
+from caption files, ``metadata.jsonl`` or the template (:mod:`lightning_lora.data.captions`), masks
+weight the loss (:mod:`lightning_lora.data.masks`), and the encoded latents live on the device or in
+a disk cache (:mod:`lightning_lora.data.latent_cache`).
 """
 
 from __future__ import annotations

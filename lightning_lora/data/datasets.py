@@ -1,4 +1,4 @@
-"""The two datasets a :class:`~lightning_lora.data.datamodule.StyleDataModule` serves, and their collates.
+"""The two datasets a :class:`~.datamodule.StyleDataModule` serves, and their collates.
 
 :class:`StyleImageDataset` decodes and preprocesses images (the uncached path);
 :class:`CachedLatentDataset` serves encoded latents and text embeddings per bucket batch.

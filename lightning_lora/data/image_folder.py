@@ -1,9 +1,9 @@
 """A style's image folder: finding images and captions, decoding, bucket-aware preprocessing.
 
-Images are typed by content (:mod:`lightning_lora.clients.image_types`), checked against a pixel limit before
-decoding, transposed by their EXIF orientation, and resized and cropped to their aspect-ratio
-bucket as little as possible (:mod:`lightning_lora.data.buckets`). Captions come from a caption file,
-``metadata.jsonl`` or the template (:mod:`lightning_lora.data.captions`).
+Images are typed by content (:mod:`lightning_lora.clients.image_types`), checked against a pixel
+limit before decoding, transposed by their EXIF orientation, and resized and cropped to their
+aspect-ratio bucket as little as possible (:mod:`lightning_lora.data.buckets`). Captions come from a
+caption file, ``metadata.jsonl`` or the template (:mod:`lightning_lora.data.captions`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """``make pretrain-tiny``: pretrain the demo's tiny SD1.5-shaped model on procedural shapes (CPU).
 
-The model can draw what :mod:`lightning_lora.demo.shapes` draws ("a red circle on a blue background")
-from its caption. It has SD1.5's parts and layout, only small: an ``AutoencoderKL`` that
-downsamples by 8 to 4 latent channels, a ``UNet2DConditionModel`` with three cross-attention down
-blocks and one plain one, a 2-layer ``CLIPTextModel`` and a ``CLIPTokenizer`` whose vocabulary
+The model can draw what :mod:`lightning_lora.demo.shapes` draws ("a red circle on a blue
+background") from its caption. It has SD1.5's parts and layout, only small: an ``AutoencoderKL``
+that downsamples by 8 to 4 latent channels, a ``UNet2DConditionModel`` with three cross-attention
+down blocks and one plain one, a 2-layer ``CLIPTextModel`` and a ``CLIPTokenizer`` whose vocabulary
 has the scenes' words as tokens, and SD1.5's noise schedule. It is saved as a diffusers pipeline
 folder and loaded with ``from_pretrained``, like SD1.5.
 

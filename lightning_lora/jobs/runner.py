@@ -4,7 +4,7 @@
 queue too::
 
     with JobReport(webhook_client(job.webhook_url, cfg), job.style_id) as report:
-        result = run_reported_training(cfg, report, S3Storage(), run_id="job-123")
+        result = run_reported_training(cfg, report, S3Storage.from_env(), run_id="job-123")
 
 It
 

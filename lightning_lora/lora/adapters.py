@@ -38,8 +38,9 @@ def lora_config(
         use_dora: PEFT's DoRA (a learned magnitude per output feature besides the LoRA).
         use_rslora: Rank-stabilised LoRA: the update is scaled by ``alpha / sqrt(rank)``.
         text_encoder: The ``lora.text_encoder`` section, which this UNet config ignores (so that
-            ``instantiate(cfg.lora)`` works); :func:`lightning_lora.lora.text_encoder.build_lora_configs`
-            builds the text encoder's config from it.
+            ``instantiate(cfg.lora)`` works);
+            :func:`lightning_lora.lora.text_encoder.build_lora_configs` builds the text encoder's
+            config from it.
 
     Returns:
         The config.
@@ -63,7 +64,7 @@ def lora_config(
 
 
 def same_config(a: LoraConfig, b: LoraConfig) -> bool:
-    """Whether two LoRA configs make the same adapter (rank, alpha, dropout, init, variants, targets)."""
+    """Whether two LoRA configs make the same adapter (rank, alpha, dropout, init, targets...)."""
     fields = ("r", "lora_alpha", "lora_dropout", "init_lora_weights", "use_dora", "use_rslora")
     return all(getattr(a, f) == getattr(b, f) for f in fields) and set(a.target_modules) == set(
         b.target_modules

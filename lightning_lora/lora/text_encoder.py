@@ -31,7 +31,8 @@ def build_lora_configs(node: DictConfig) -> tuple[LoraConfig, LoraConfig | None,
     """The UNet's LoRA config, the text encoder's (or ``None``) and its learning rate.
 
     Args:
-        node: The ``lora`` config node (``_target_: lightning_lora.lora.adapters.lora_config`` plus the
+        node: The ``lora`` config node (``_target_: lightning_lora.lora.adapters.lora_config`` plus
+        the
             ``text_encoder`` section).
 
     Returns:

@@ -1,7 +1,8 @@
 """The weights validation and export use: the EMA's averages and schedule-free's eval weights.
 
-A mixin of :class:`lightning_lora.training.module.LoRAModule` (it uses its ``unet``, ``text_encoder``,
-``trains_text_encoder`` and ``hparams``), kept apart from the loss and the training step.
+A mixin of :class:`lightning_lora.training.module.LoRAModule` (it uses its ``unet``,
+``text_encoder``, ``trains_text_encoder`` and ``hparams``), kept apart from the loss and the
+training step.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         """Wrap the components and inject a fresh LoRA.
 
         Args:
-            components: Frozen SD1.5 parts (see :func:`lightning_lora.training.models.load_components`).
+            components: Frozen SD1.5 parts (see :func:`~.models.load_components`).
             lora: The PEFT LoRA config.
             optimizer: Partial optimizer constructor taking the parameter list.
             scheduler: Partial LR scheduler constructor taking the optimizer (and

@@ -143,8 +143,9 @@ class TrainingWorker:
     def storage(self) -> S3Storage:
         """The bucket (``S3_BUCKET``, ``S3_ENDPOINT_URL``, AWS credentials from the env)."""
         if self._storage is None:
+            s = self.settings
             self._storage = S3Storage(
-                self.settings.s3_bucket, retry_budget_s=self.settings.s3_retry_budget_s
+                s.s3_bucket, endpoint_url=s.s3_endpoint_url, retry_budget_s=s.s3_retry_budget_s
             )
         return self._storage
 

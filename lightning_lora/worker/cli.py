@@ -19,11 +19,18 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_lora.clients.redaction import register_secret
+from lightning_lora.config import compose_config
+
+if TYPE_CHECKING:  # the CLI imports the worker's parts only once the arguments are parsed
+    from lightning_lora.clients.storage import S3Storage
+    from lightning_lora.worker.settings import BrokerSettings, WorkerSettings
 
 __all__ = ["compose_worker_config", "main", "run_checks"]
 
@@ -36,8 +43,6 @@ EXIT_BAD_SETTINGS = 2
 
 def compose_worker_config(overrides: Sequence[str] = ()) -> DictConfig:
     """Compose ``configs/worker.yaml`` (the training config plus ``worker:``) with overrides."""
-    from lightning_lora.config import compose_config
-
     return compose_config(overrides, config_name="worker")
 
 
@@ -48,7 +53,9 @@ def _endpoint(entry: str) -> tuple[str, int]:
     return parts.hostname or entry, parts.port or default
 
 
-def run_checks(settings: object, broker: object, storage: object | None = None) -> int:
+def run_checks(
+    settings: WorkerSettings, broker: BrokerSettings, storage: S3Storage | None = None
+) -> int:
     """Try the broker, the bucket and each allow-listed backend; print one line for each.
 
     Args:
@@ -65,23 +72,25 @@ def run_checks(settings: object, broker: object, storage: object | None = None) 
 
     results: list[tuple[bool, str, str]] = []
     try:
-        params = broker.connection_parameters(connection_name="lightning_lora-check")  # type: ignore[attr-defined]
+        params = broker.connection_parameters(connection_name="lightning_lora-check")
         params.socket_timeout = 5
         connection = BlockingConnection(params)
         connection.close()
-        results.append((True, "broker", broker.describe()))  # type: ignore[attr-defined]
+        results.append((True, "broker", broker.describe()))
     except Exception as exc:
         detail = (
             f"{type(exc).__name__}: {exc!r}" if not str(exc) else f"{type(exc).__name__}: {exc}"
         )
-        results.append((False, "broker", f"{broker.describe()}: {detail}"))  # type: ignore[attr-defined]
+        results.append((False, "broker", f"{broker.describe()}: {detail}"))
     try:
-        bucket = storage or S3Storage(settings.s3_bucket, retry_budget_s=0)  # type: ignore[attr-defined]
-        bucket.head_bucket()  # type: ignore[attr-defined]
-        results.append((True, "s3", f"s3://{bucket.bucket}"))  # type: ignore[attr-defined]
+        bucket = storage or S3Storage(
+            settings.s3_bucket, endpoint_url=settings.s3_endpoint_url, retry_budget_s=0
+        )
+        bucket.head_bucket()
+        results.append((True, "s3", f"s3://{bucket.bucket}"))
     except Exception as exc:
         results.append((False, "s3", str(exc)))
-    for entry in settings.webhook_allowlist:  # type: ignore[attr-defined]
+    for entry in settings.webhook_allowlist:
         host, port = _endpoint(entry)
         try:
             with socket.create_connection((host, port), timeout=5):
@@ -109,9 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the config and exit")
     args = parser.parse_args(argv)
 
-    from lightning_lora.worker.app import TrainingWorker, split_config
-    from lightning_lora.worker.broker import publish_dead_letter
-    from lightning_lora.worker.jobdirs import remove_stale_job_dirs
+    from lightning_lora.worker.app import split_config
     from lightning_lora.worker.logs import configure_logging
     from lightning_lora.worker.settings import SettingsError, load_settings
 
@@ -130,26 +137,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, ValueError) as exc:
         print(f"lightning-lora-worker: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
-    broker = settings.broker
     for secret in settings.secrets():
         register_secret(secret)
     logging.getLogger("pika").setLevel(logging.WARNING)
     if args.check:
-        return run_checks(settings, broker)
-    return _serve(
-        train_cfg, settings, broker, TrainingWorker, remove_stale_job_dirs, publish_dead_letter
-    )
+        return run_checks(settings, settings.broker)
+    return _serve(train_cfg, settings)
 
 
-def _serve(train_cfg, settings, broker, worker_cls, remove_stale, publish_dead_letter) -> int:  # noqa: ANN001
+def _serve(train_cfg: DictConfig, settings: WorkerSettings) -> int:
+    """Consume until stopped: the worker, its outbox and (with ``METRICS_PORT``) its endpoint."""
+    from lightning_lora.worker.app import TrainingWorker
+    from lightning_lora.worker.broker import publish_dead_letter
     from lightning_lora.worker.consumer import Consumer
+    from lightning_lora.worker.jobdirs import remove_stale_job_dirs
     from lightning_lora.worker.ops import WorkerMetrics, serve_ops
 
-    removed = remove_stale(settings.work_dir)
+    broker = settings.broker
+    removed = remove_stale_job_dirs(Path(settings.work_dir) if settings.work_dir else None)
     if removed:
         log.info("removed %d job folder(s) left by dead workers", len(removed))
     metrics = WorkerMetrics()
-    worker = worker_cls(
+    worker = TrainingWorker(
         train_cfg,
         settings,
         delivery_limit=broker.delivery_limit,

@@ -1,11 +1,11 @@
 r"""Logging set-up of the worker: text or JSON lines, secrets masked, control characters escaped.
 
 :func:`configure_logging` puts one handler on the root logger. Every record goes through
-:class:`~lightning_lora.clients.redaction.RedactingFilter` first (secrets become ``***``), then through
-the formatter, which escapes control characters and line separators, so that hostile text (an
-S3 key with a U+2028, a ``\r\n`` followed by a fake record, an ANSI escape) can neither split a
-record into several physical lines nor forge one. Escaping after redaction means an escape can
-never cut a secret in two and let it through the mask.
+:class:`~lightning_lora.clients.redaction.RedactingFilter` first (secrets become ``***``), then
+through the formatter, which escapes control characters and line separators, so that hostile text
+(an S3 key with a U+2028, a ``\r\n`` followed by a fake record, an ANSI escape) can neither split a
+record into several physical lines nor forge one. Escaping after redaction means an escape can never
+cut a secret in two and let it through the mask.
 
 * ``text``: ``%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s``; the message
   has every control character (category Cc: ``\n``, ``\r``, ``\t``, ESC, U+0085...) and

@@ -80,7 +80,7 @@ def _check_no_control_chars(value: str, what: str) -> None:
 
 
 def check_s3_url(url: str) -> str:
-    """Validate an ``s3://bucket/key`` URL (:func:`~lightning_lora.jobs.layout.s3_url_problem`'s rules).
+    """Validate an ``s3://bucket/key`` URL (:func:`~.s3_names.s3_url_problem`'s rules).
 
     Args:
         url: The URL to check.

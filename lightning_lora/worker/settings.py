@@ -28,7 +28,6 @@ from urllib.parse import quote
 
 import pika
 from pydantic import (
-    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -38,23 +37,35 @@ from pydantic import (
     model_validator,
 )
 
+from lightning_lora.clients.s3_names import bucket_problem
+from lightning_lora.clients.s3_retry import DEFAULT_RETRY_BUDGET_S
+from lightning_lora.clients.storage import DEFAULT_BUCKET, S3_ENV
 from lightning_lora.worker.messages import check_webhook_url
 
-__all__ = ["DEFAULT_QUEUE", "BrokerSettings", "SettingsError", "WorkerSettings", "load_settings"]
+__all__ = [
+    "BROKER_ENV",
+    "DEFAULT_QUEUE",
+    "LIST_ENV",
+    "WORKER_ENV",
+    "BrokerSettings",
+    "SettingsError",
+    "WorkerSettings",
+    "load_settings",
+]
 
 DEFAULT_QUEUE = "model_training"
 
 # what `requests` accepts in a header value: no CR/LF/NUL, no leading whitespace
 _HEADER_VALUE_RE = re.compile(r"^[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$")
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 
 class SettingsError(ValueError):
     """A setting is missing or invalid; the message names it."""
 
 
-# the environment variable of each broker field
-_BROKER_ENV = {
+# The environment, once: each setting's variable(s) (the first one set wins). The defaults are the
+# models' field defaults.
+BROKER_ENV: dict[str, str] = {
     "host": "RABBITMQ_HOST",
     "port": "RABBITMQ_PORT",
     "user": "RABBITMQ_USER",
@@ -68,6 +79,25 @@ _BROKER_ENV = {
     "queue_type": "RABBITMQ_QUEUE_TYPE",
     "connection_name": "RABBITMQ_CONNECTION_NAME",
 }
+"""The variable of each :class:`BrokerSettings` field."""
+
+WORKER_ENV: dict[str, tuple[str, ...]] = {
+    "internal_api_token": ("INTERNAL_API_TOKEN",),
+    "webhook_signing_secret": ("WEBHOOK_SIGNING_SECRET",),
+    "s3_bucket": S3_ENV["bucket"],
+    "s3_endpoint_url": S3_ENV["endpoint_url"],
+    "s3_retry_budget_s": S3_ENV["retry_budget_s"],
+    "metrics_port": ("METRICS_PORT",),
+    "metrics_host": ("METRICS_HOST",),
+    "log_format": ("LOG_FORMAT",),
+}
+"""The variable(s) of each scalar :class:`WorkerSettings` field; they win over the config."""
+
+LIST_ENV: dict[str, str] = {
+    "webhook_allowlist": "WEBHOOK_ALLOWLIST",
+    "allowed_buckets": "S3_ALLOWED_BUCKETS",
+}
+"""The comma-separated variable of each list field; it extends the config's list."""
 
 
 class BrokerSettings(BaseModel):
@@ -177,7 +207,7 @@ class BrokerSettings(BaseModel):
         """
         env = os.environ if env is None else env
         values: dict[str, Any] = {
-            name: env[var] for name, var in _BROKER_ENV.items() if env.get(var, "").strip() != ""
+            name: env[var] for name, var in BROKER_ENV.items() if env.get(var, "").strip() != ""
         }
         values.update(overrides)
         try:
@@ -234,7 +264,7 @@ class BrokerSettings(BaseModel):
 
 def _broker_name(field: str) -> str:
     root = field.split(".")[0]
-    return _BROKER_ENV.get(root, f"broker.{field}") if root != "settings" else "RABBITMQ_URL"
+    return BROKER_ENV.get(root, f"broker.{field}") if root != "settings" else "RABBITMQ_URL"
 
 
 def _problems(exc: ValidationError, name_of: Any) -> str:
@@ -268,6 +298,8 @@ class WorkerSettings(BaseModel):
             (``WEBHOOK_ALLOWLIST``); must not be empty.
         allowed_buckets: Buckets images may come from (``S3_ALLOWED_BUCKETS``; empty: any).
         s3_bucket: The bucket for checkpoints, state and models (``S3_BUCKET``).
+        s3_endpoint_url: An S3-compatible endpoint (``S3_ENDPOINT_URL``, else
+            ``AWS_ENDPOINT_URL``; AWS itself when unset).
         s3_retry_budget_s: Seconds each S3 operation retries transient failures
             (``S3_RETRY_BUDGET_S``); past it the job is requeued, not failed.
         max_images: Most image URLs per job.
@@ -291,23 +323,13 @@ class WorkerSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
-    internal_api_token: SecretStr = Field(
-        validation_alias=AliasChoices("INTERNAL_API_TOKEN", "internal_api_token")
-    )
-    webhook_signing_secret: SecretStr | None = Field(
-        default=None,
-        validation_alias=AliasChoices("WEBHOOK_SIGNING_SECRET", "webhook_signing_secret"),
-    )
+    internal_api_token: SecretStr
+    webhook_signing_secret: SecretStr | None = None
     webhook_allowlist: CommaList
     allowed_buckets: CommaList
-    s3_bucket: str = Field(
-        default="stylelicense-models", validation_alias=AliasChoices("S3_BUCKET", "s3_bucket")
-    )
-    s3_retry_budget_s: float = Field(
-        default=300.0,
-        ge=0,
-        validation_alias=AliasChoices("S3_RETRY_BUDGET_S", "s3_retry_budget_s"),
-    )
+    s3_bucket: str = DEFAULT_BUCKET
+    s3_endpoint_url: str | None = None
+    s3_retry_budget_s: float = Field(default=DEFAULT_RETRY_BUDGET_S, ge=0)
     max_images: int = Field(default=100, ge=1, le=10_000)
     max_image_bytes: int = Field(default=20_000_000, ge=1)
     max_total_bytes: int = Field(default=500_000_000, ge=1)
@@ -320,18 +342,9 @@ class WorkerSettings(BaseModel):
     outbox_poll_s: float = Field(default=10.0, gt=0)
     outbox_backoff_base_s: float = Field(default=5.0, gt=0)
     outbox_backoff_max_s: float = Field(default=7_200.0, gt=0)
-    metrics_port: int | None = Field(
-        default=None,
-        ge=0,
-        le=65535,
-        validation_alias=AliasChoices("METRICS_PORT", "metrics_port"),
-    )
-    metrics_host: str = Field(
-        default="127.0.0.1", validation_alias=AliasChoices("METRICS_HOST", "metrics_host")
-    )
-    log_format: Literal["text", "json"] = Field(
-        default="text", validation_alias=AliasChoices("LOG_FORMAT", "log_format")
-    )
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    log_format: Literal["text", "json"] = "text"
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
 
     @field_validator("internal_api_token", "webhook_signing_secret", mode="before")
@@ -371,8 +384,16 @@ class WorkerSettings(BaseModel):
     @field_validator("s3_bucket")
     @classmethod
     def _check_bucket(cls, value: str) -> str:
-        if not _BUCKET_RE.match(value) or ".." in value:
-            raise ValueError(f"{value!r} is not a valid bucket name")
+        problem = bucket_problem(value)  # the one bucket rule, S3Storage's too
+        if problem:
+            raise ValueError(f"{value!r}: {problem}")
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
         return value
 
     @field_validator("max_total_bytes")
@@ -413,22 +434,12 @@ def load_settings(
     env = dict(os.environ if env is None else env)
     values: dict[str, Any] = dict(section or {})
     values.update(values.pop("limits", None) or {})
-    for name, env_name in (
-        ("webhook_allowlist", "WEBHOOK_ALLOWLIST"),
-        ("allowed_buckets", "S3_ALLOWED_BUCKETS"),
-    ):
-        values[name] = [*(_split_list(values.get(name)) or []), *_split_list(env.get(env_name, ""))]
-    for name, env_name in (
-        ("internal_api_token", "INTERNAL_API_TOKEN"),
-        ("webhook_signing_secret", "WEBHOOK_SIGNING_SECRET"),
-        ("s3_bucket", "S3_BUCKET"),
-        ("s3_retry_budget_s", "S3_RETRY_BUDGET_S"),
-        ("metrics_port", "METRICS_PORT"),
-        ("metrics_host", "METRICS_HOST"),
-        ("log_format", "LOG_FORMAT"),
-    ):
-        if env.get(env_name, "") != "":
-            values[name] = env[env_name]
+    for name, variable in LIST_ENV.items():
+        values[name] = [*(_split_list(values.get(name)) or []), *_split_list(env.get(variable, ""))]
+    for name, variables in WORKER_ENV.items():
+        found = next((env[v] for v in variables if env.get(v, "") != ""), None)
+        if found is not None:
+            values[name] = found
     values = {k: v for k, v in values.items() if v is not None or k == "work_dir"}
     problems = []
     try:
@@ -445,22 +456,11 @@ def load_settings(
     return settings
 
 
-_ENV_NAMES = {
-    "internal_api_token": "INTERNAL_API_TOKEN",
-    "webhook_signing_secret": "WEBHOOK_SIGNING_SECRET",
-    "webhook_allowlist": "worker.webhook_allowlist / WEBHOOK_ALLOWLIST",
-    "allowed_buckets": "worker.allowed_buckets / S3_ALLOWED_BUCKETS",
-    "s3_bucket": "S3_BUCKET",
-    "s3_retry_budget_s": "S3_RETRY_BUDGET_S",
-    "metrics_port": "METRICS_PORT",
-    "metrics_host": "METRICS_HOST",
-    "log_format": "LOG_FORMAT",
-}
-
-
 def _setting_name(field: str) -> str:
     """The name a user sets: the environment variable, or the ``worker.*`` config key."""
     root = field.split(".")[0]
-    if root.isupper():
-        return root
-    return _ENV_NAMES.get(root, f"worker.{field}")
+    if root in WORKER_ENV:
+        return WORKER_ENV[root][0]
+    if root in LIST_ENV:
+        return f"worker.{root} / {LIST_ENV[root]}"
+    return f"worker.{field}"

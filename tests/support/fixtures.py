@@ -82,4 +82,4 @@ def s3_env(
         monkeypatch.delenv(name, raising=False)
     for name, value in fake_aws_env(moto_s3.endpoint_url, s3_bucket).items():
         monkeypatch.setenv(name, value)
-    yield S3Storage(retry_budget_s=2, connect_timeout_s=2, read_timeout_s=10)
+    yield S3Storage.from_env(retry_budget_s=2, connect_timeout_s=2, read_timeout_s=10)
