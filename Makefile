@@ -20,10 +20,10 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/lightning-lora-train experiment=demo
 
-# rebuild the demo's pretrained tiny model (lightning_lora/pretrained/tiny-sd15-shapes) from
+# rebuild the demo's pretrained tiny model (lightning_lora/demo/pretrained/tiny-sd15-shapes) from
 # nothing: procedural shapes, CPU only, about 30 minutes on 2 cores
 pretrain-tiny: install
-	$(PY) -m lightning_lora.demo.pretrain --out lightning_lora/pretrained/tiny-sd15-shapes
+	$(PY) -m lightning_lora.demo.pretrain --out lightning_lora/demo/pretrained/tiny-sd15-shapes
 
 test: install
 	$(PY) -m pytest

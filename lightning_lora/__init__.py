@@ -11,8 +11,7 @@ from importlib import import_module
 from typing import Any
 
 from lightning_lora.config import register_resolvers
-
-__version__ = "0.1.0"
+from lightning_lora.version import __version__
 
 register_resolvers()
 

@@ -25,10 +25,11 @@ import pytest
 
 from lightning_lora.clients.contract import COMPLETE_PATH, PROGRESS_PATH
 from lightning_lora.clients.webhook_client import verify_webhook
+from lightning_lora.errors import StorageUnavailableError
 from lightning_lora.jobs.layout import lease_key, outcome_key
 from lightning_lora.jobs.report import error_message_of
 from lightning_lora.worker.broker import BrokerSettings, publish_dead_letter
-from lightning_lora.worker.consumer import Consumer, Delivery
+from lightning_lora.worker.consumer import Consumer, Delivery, Outcome
 from lightning_lora.worker.records import Holder
 from tests.support.broker import depth, get, running, wait_for
 from tests.test_worker import TOKEN, _job, _spawn_worker, _stop, _terminal, _wait_terminal, _worker
@@ -349,7 +350,7 @@ _JITTER_PROBE = """
 import json, lightning as L
 from lightning_lora.clients.backoff import backoff_delay
 from lightning_lora.worker.broker import BrokerSettings
-from lightning_lora.worker.consumer import Consumer, Delivery
+from lightning_lora.worker.consumer import Consumer, Delivery, Outcome
 from lightning_lora.clients.webhook_client import WebhookClient
 L.seed_everything(5, verbose=False)
 consumer = Consumer(BrokerSettings(), lambda d: None)
@@ -401,3 +402,47 @@ def test_a_redelivery_of_an_unacknowledged_completion_resends_it_without_trainin
     assert storage.list_keys("outbox/") == []
     third = worker.handle(_delivery(body, redelivered=True))  # acknowledged now: silent ack
     assert third.outcome.name == "ACK" and len(_accepted(receiver, COMPLETE_PATH, 233)) == 1
+
+
+# ------------------------------------------------------------------ 7. one disposition rule
+
+
+class _ErrorWhileHandlingAnOutage(L.Callback):
+    """On its first run only: an error raised while handling S3 being down.
+
+    Before the one rule, the runner looked at ``__cause__`` only and reported a failure, the
+    job's report walked the chain and sent nothing, and the worker dead-lettered the message as
+    ``STORAGE_UNAVAILABLE``: the job ended with no terminal webhook at all.
+    """
+
+    def __init__(self) -> None:
+        self.raised = 0
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.raised:
+            return
+        self.raised += 1
+        try:
+            raise StorageUnavailableError("S3 unreachable for 300s while trying to write")
+        except StorageUnavailableError:
+            raise KeyError("a bug in the outage handling")  # noqa: B904 (its __context__ is S3)
+
+
+def test_an_error_while_handling_an_s3_outage_requeues_and_the_redelivery_reports_once(
+    stack,
+) -> None:
+    receiver = stack["receiver"]
+    outage = _ErrorWhileHandlingAnOutage()
+    worker = _worker(stack, "trainer.max_epochs=1", callbacks=[outage])
+    body = json.dumps(_job(stack, 241)).encode()
+    first = worker.handle(_delivery(body, redelivered=False))
+    assert outage.raised == 1
+    assert first.outcome is Outcome.REQUEUE, first  # S3 being down decided: not a failure
+    time.sleep(1.0)  # room for a (wrong) failure webhook
+    assert _terminal(receiver, 241) == []
+    second = worker.handle(_delivery(body, redelivered=True))
+    assert second.outcome is Outcome.ACK, second
+    done = _wait_terminal(receiver, 241)
+    assert done.path == COMPLETE_PATH, done.json
+    time.sleep(1.0)
+    assert _terminal(receiver, 241) == [done]  # exactly one terminal webhook

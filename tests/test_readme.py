@@ -720,14 +720,3 @@ def test_layout_section_matches_the_tree() -> None:
     )
     missing = [name for name in parts if name != "__init__.py" and name not in block]
     assert not missing, f"the layout block omits {missing}"
-
-
-def test_no_package_module_is_over_600_lines() -> None:
-    """Files cut by concern (issue 15): a module over 600 lines holds more than one."""
-    root = Path(__file__).resolve().parents[1] / "lightning_lora"
-    long = {
-        str(path.relative_to(root)): n
-        for path in root.rglob("*.py")
-        if (n := len(path.read_text().splitlines())) > 600
-    }
-    assert not long

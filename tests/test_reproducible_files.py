@@ -66,7 +66,7 @@ def _train_in_subprocess(run_dir: Path, hash_seed: str, ll_cache: Path, demo_ima
         f"hydra.run.dir={run_dir}",
     ]
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_lora.training.run", *args],
+        [sys.executable, "-m", "lightning_lora.tools.train", *args],
         cwd=run_dir.parent,
         env=env,
         capture_output=True,

@@ -41,7 +41,6 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import lightning_lora
 from lightning_lora.callbacks.progress import ProgressCallback
 from lightning_lora.callbacks.s3_checkpoint import S3CheckpointCallback, find_resume_checkpoint
 from lightning_lora.clients.storage import S3Storage
@@ -50,6 +49,7 @@ from lightning_lora.jobs.layout import checkpoint_prefix, kohya_key, model_key
 from lightning_lora.jobs.report import JobReport
 from lightning_lora.lora.export import LoraFiles
 from lightning_lora.training.run import TrainResult, train
+from lightning_lora.version import __version__
 
 __all__ = [
     "FINISHED_MARKER",
@@ -162,7 +162,7 @@ def completion_metadata(
         "val_loss": metrics.get("val/loss"),
         "peak_vram_gib": metrics.get("peak_vram_gib"),
         "peak_rss_gib": metrics.get("peak_rss_gib"),
-        "lightning_lora_version": lightning_lora.__version__,
+        "lightning_lora_version": __version__,
     }
     if "resumed_from_epoch" in metrics:
         meta["resumed_from_epoch"] = int(metrics["resumed_from_epoch"])

@@ -408,7 +408,7 @@ def run_example_sweep(
     """
     script = Path(sys.executable).with_name("lightning-lora-train")
     found = str(script) if script.exists() else shutil.which("lightning-lora-train")
-    cmd = [found] if found else [sys.executable, "-m", "lightning_lora.training.run"]
+    cmd = [found] if found else [sys.executable, "-m", "lightning_lora.tools.train"]
     cmd += ["-m", *overrides, f"hydra.sweep.dir={Path(sweep_dir).resolve()}"]
     subprocess.run(
         cmd,

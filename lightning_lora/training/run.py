@@ -23,12 +23,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import lightning_lora
 from lightning_lora.lora.export import LoraFiles, export_lora
 from lightning_lora.lora.text_encoder import build_lora_configs
 from lightning_lora.training.metadata import training_options_metadata
 from lightning_lora.training.precision import frozen_weight_dtype, precision_info
 from lightning_lora.training.provenance import write_run_info
+from lightning_lora.version import __version__
 
 __all__ = ["RunSummary", "SampleGridSource", "TrainResult", "train"]
 
@@ -168,7 +168,7 @@ def train(
         if isinstance(callback, RunSummary):
             metrics.update(callback.summary())  # samples_per_s, peak_rss_gib, resumed_from_epoch
     metadata = {
-        "lightning_lora_version": lightning_lora.__version__,
+        "lightning_lora_version": __version__,
         "base_model": str(cfg.model.pretrained_model_name_or_path),
         "network_module": "networks.lora",
         "network_dim": module.lora_config.r,
