@@ -236,17 +236,29 @@ def _probe(path: Path, max_pixels: int) -> tuple[int, int]:
 def _decode(path: Path, max_pixels: int, bucket: Bucket | None = None) -> Image.Image:
     """Check, decode, transpose and convert an image; resize it to cover ``bucket`` if given.
 
-    Only one full-size copy of the pixels exists at a time when the file is RGB already (two
-    while converting other modes); the file's own image is closed before returning.
+    Only one full-size copy of the pixels exists at a time when the file is RGB already; converting
+    other modes holds up to three for a moment (RGBA: the decode, its white background and the RGB
+    result). The full-size images are closed, which frees their pixels, before this returns or
+    raises: Pillow's ``with`` block closes only the file, and reference counting alone would keep
+    a decode alive as long as a traceback holds this frame.
     """
     _probe(path, max_pixels)
     with _image_errors(path), Image.open(path) as img:
-        img.load()
-        ImageOps.exif_transpose(img, in_place=True)
-        if bucket is None:
-            return _to_rgb(img)  # always a new image: ``img`` is unusable once closed
-        rgb = img if img.mode == "RGB" else _to_rgb(img)
-        return rgb.resize(fit_size(*rgb.size, bucket), Image.Resampling.BICUBIC)
+        try:
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)
+            if bucket is None:
+                return _to_rgb(img)  # always a new image: ``img`` is unusable once closed
+            if img.mode == "RGB":
+                return img.resize(fit_size(*img.size, bucket), Image.Resampling.BICUBIC)
+            rgb = _to_rgb(img)
+            img.close()  # the decode goes before the resize allocates
+            try:
+                return rgb.resize(fit_size(*rgb.size, bucket), Image.Resampling.BICUBIC)
+            finally:
+                rgb.close()
+        finally:
+            img.close()
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -257,7 +269,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
     if img.mode in {"RGBA", "LA", "PA"}:
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        background.alpha_composite(img.convert("RGBA"))
+        background.alpha_composite(img if img.mode == "RGBA" else img.convert("RGBA"))
         return background.convert("RGB")
     return img.convert("RGB")
 
