@@ -73,9 +73,7 @@ PROMPTS = [
         """
 from omegaconf import OmegaConf
 
-from lightning_lora.config import compose_config
-
-from lightning_lora.training.run import train
+from lightning_lora import compose_config, train
 
 cfg = compose_config(OVERRIDES, output_dir=OUTPUT_DIR)
 print(OmegaConf.to_yaml(cfg.lora))
@@ -131,8 +129,7 @@ display(Image(filename=str(result.output_dir / "samples" / "base_vs_lora.png")))
     (
         "code",
         """
-from lightning_lora.training.inference import load_pipeline
-from lightning_lora.training.inference import generate, make_grid
+from lightning_lora.training.inference import generate, load_pipeline, make_grid
 
 pipe = load_pipeline(cfg.model.pretrained_model_name_or_path)
 pipe.load_lora_weights(

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image, ImageDraw
+from typing_extensions import override
 
 from lightning_lora.data.image_folder import find_style_images, load_rgb
 from lightning_lora.demo.shapes import style_distance
@@ -126,6 +127,16 @@ class StyleReportCallback(L.Callback):
     def summary(self) -> dict[str, float]:
         """The run-summary figures: the two style distances (empty before fit ends)."""
         return dict(self.distances)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The per-step losses so far, so a resumed run's loss curve starts at step one."""
+        losses = torch.stack(self._losses).cpu() if self._losses else torch.zeros(0)
+        return {"losses": losses}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._losses = list(state_dict.get("losses", torch.zeros(0)).unbind())
 
 
 @contextlib.contextmanager
