@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-__all__ = ["CONFIG_DIR", "compose_config", "register_resolvers"]
+__all__ = ["CONFIG_DIR", "compose_config", "plain_dict", "register_resolvers"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """The package's Hydra config folder (``train.yaml``, ``worker.yaml`` and the groups)."""
@@ -49,6 +50,24 @@ def compose_config(
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def plain_dict(node: DictConfig, resolve: bool = False) -> dict[str, Any]:
+    """``OmegaConf.to_container`` of a mapping node: a plain ``dict``.
+
+    ``to_container`` is typed for any node (a list, a string); a ``DictConfig`` gives a ``dict``,
+    and the configs' keys are strings.
+
+    Args:
+        node: The config mapping.
+        resolve: Resolve interpolations first.
+
+    Returns:
+        The mapping as nested plain containers.
+    """
+    container = OmegaConf.to_container(node, resolve=resolve)
+    assert isinstance(container, dict), f"not a config mapping: {type(node).__name__}"
+    return cast(dict[str, Any], container)
 
 
 def _tiny_model(cache_dir: str | None = None) -> str:
