@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # CPU machines take a plain torch pin that installs fast here; GPU machines take the newest build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: install demo pretrain-tiny test test-fast lint format train load bench clean
+.PHONY: install demo pretrain-tiny test test-fast lint typecheck format train load bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+
+# mypy over the package (settings in pyproject.toml's [tool.mypy]); zero errors expected
+typecheck: install
+	$(VENV)/bin/mypy
 
 format: install
 	$(VENV)/bin/ruff format .

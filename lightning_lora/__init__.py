@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from lightning_lora.config import register_resolvers
+from lightning_lora.resolvers import register_resolvers
 from lightning_lora.version import __version__
 
 register_resolvers()

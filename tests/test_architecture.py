@@ -2,15 +2,16 @@
 
 Layers, lowest first (a part may import only parts of lower layers, and itself):
 
-0. ``version`` and ``errors`` (the failure codes and the one fail-or-requeue rule);
+0. ``version``, ``errors`` (the failure codes and the one fail-or-requeue rule) and ``config``
+   (where the Hydra configs are, composing them);
 1. ``clients``: HTTP to the backend, S3, backoff, redaction (no Lightning);
 2. ``data`` and ``lora`` (neither imports the other);
 3. ``training`` (uses ``data`` and ``lora``);
 4. ``callbacks``;
 5. ``jobs`` and ``demo``;
-6. ``config`` (its resolvers build the tiny model and the demo's images when a config asks);
-7. ``worker`` and ``tools`` (the entry points);
-8. the package's ``__init__`` (the public API, lazily).
+6. ``worker`` and ``tools`` (the entry points);
+7. ``resolvers`` (the configs' ``ll.*`` resolvers build the tiny model and the demo's images);
+   the package's ``__init__`` (the public API, lazily; it registers the resolvers).
 
 Every ``import`` and ``from ... import`` of every module is checked, those inside functions too:
 a lazy import is still a dependency.
@@ -25,6 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_lora"
 LAYERS = {
     "version": 0,
     "errors": 0,
+    "config": 0,
     "clients": 1,
     "data": 2,
     "lora": 2,
@@ -32,9 +34,9 @@ LAYERS = {
     "callbacks": 4,
     "jobs": 5,
     "demo": 5,
-    "config": 6,
-    "worker": 7,
-    "tools": 7,
+    "worker": 6,
+    "tools": 6,
+    "resolvers": 7,
     "__init__": 8,
 }
 

@@ -43,6 +43,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from typing_extensions import override
 
 from lightning_lora.clients.background import LatestOnlyWorker
 from lightning_lora.clients.redaction import redact
@@ -222,14 +223,16 @@ class S3CheckpointCallback(L.Callback):
 
     # ----------------------------------------------------------------- hooks
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir) / "s3_checkpoints"
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.every_n_epochs or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        if trainer.sanity_checking or trainer.fast_dev_run:
+        if trainer.sanity_checking or trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
             return
         self.checkpoint_now(trainer)
 
@@ -267,14 +270,17 @@ class S3CheckpointCallback(L.Callback):
             self.superseded += 1
             dropped[0].unlink(missing_ok=True)
 
+    @override
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         self._finish()
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._finish()
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish()
 

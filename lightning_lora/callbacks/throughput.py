@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import lightning as L
+from typing_extensions import override
 
 
 class ThroughputCallback(L.Callback):
@@ -34,12 +35,14 @@ class ThroughputCallback(L.Callback):
         self._window_start: float | None = None
         self._window_samples = 0
 
+    @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         now = time.perf_counter()
         self._start = now if self._start is None else self._start
         self._window_start = now
         self._window_samples = 0
 
+    @override
     def on_train_batch_end(
         self,
         trainer: L.Trainer,
@@ -59,6 +62,7 @@ class ThroughputCallback(L.Callback):
                 pl_module.log("perf/samples_per_s", self.samples_per_s, prog_bar=True)
             self._window_start, self._window_samples = now, 0
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._start is not None:
             self.train_seconds = time.perf_counter() - self._start

@@ -10,8 +10,10 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
 
 from lightning_lora.training.inference import make_grid, sample_images
+from lightning_lora.training.module import LoRAModule
 
 __all__ = ["ValidationCallback"]
 
@@ -56,17 +58,19 @@ class ValidationCallback(L.Callback):
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
         return last or epoch % self.every_n_epochs == 0
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._due(trainer):
             return
+        assert isinstance(pl_module, LoRAModule), "validation needs the LoRAModule"
         val_loss = pl_module.validation_loss()
         pl_module.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
         if self.prompts:
             self._sample(trainer, pl_module)
 
     @rank_zero_only
-    def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        resolution = self.resolution or getattr(trainer.datamodule, "resolution", 512)
+    def _sample(self, trainer: L.Trainer, pl_module: LoRAModule) -> None:
+        resolution = self.resolution or int(getattr(trainer.datamodule, "resolution", 512))  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
         images = sample_images(
             pl_module,
             self.prompts,

@@ -28,6 +28,7 @@ from typing import Any
 import lightning as L
 import psutil
 import torch
+from typing_extensions import override
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ class VramCallback(L.Callback):
 
     # ----------------------------------------------------------------- hooks
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         device = self._cuda_device(pl_module)
         if device is not None:
@@ -158,6 +160,7 @@ class VramCallback(L.Callback):
         self._last_step = -1
         self.measure(pl_module)
 
+    @override
     def on_train_batch_end(
         self,
         trainer: L.Trainer,
@@ -171,9 +174,11 @@ class VramCallback(L.Callback):
             self._last_step = step
             self._report(trainer, pl_module, on_step=True)
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(trainer, pl_module, on_step=False)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.measure(pl_module)  # last peak; logging is not allowed in this hook
         if trainer.is_global_zero:

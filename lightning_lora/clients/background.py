@@ -57,8 +57,8 @@ class LatestOnlyWorker(Generic[T]):
         self._drain_on_close = drain_on_close
         self._cond = threading.Condition()
         self._queue: collections.deque[T] = collections.deque()
-        self._latest: T | None = None
-        self._has_latest = False
+        #: the latest slot: ``(item,)`` while one waits (the item itself may be ``None``)
+        self._latest: tuple[T] | None = None
         self._busy = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -85,8 +85,8 @@ class LatestOnlyWorker(Generic[T]):
         with self._cond:
             if self._closed:
                 return False, None
-            replaced = self._latest if self._has_latest else None
-            self._latest, self._has_latest = item, True
+            replaced = self._latest[0] if self._latest is not None else None
+            self._latest = (item,)
             self._cond.notify_all()
             return True, replaced
 
@@ -112,7 +112,7 @@ class LatestOnlyWorker(Generic[T]):
     def waiting(self) -> int:
         """How many items wait (the one being handled not counted)."""
         with self._cond:
-            return len(self._queue) + self._has_latest
+            return len(self._queue) + (self._latest is not None)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every item taken so far was handled.
@@ -155,32 +155,36 @@ class LatestOnlyWorker(Generic[T]):
     # ----------------------------------------------------------------- internals
 
     def _idle(self) -> bool:
-        return not self._queue and not self._has_latest and not self._busy
+        return not self._queue and self._latest is None and not self._busy
 
     def _move_latest_to_queue(self) -> None:
-        if self._has_latest:
-            self._queue.append(self._latest)  # type: ignore[arg-type]
-            self._latest, self._has_latest = None, False
+        if self._latest is not None:
+            self._queue.append(self._latest[0])
+            self._latest = None
 
-    def _next(self) -> tuple[bool, T | None]:
+    def _next(self) -> tuple[T] | None:
+        """The next item, as a 1-tuple; ``None`` once closed with nothing left to handle."""
         with self._cond:
-            self._cond.wait_for(lambda: self._closed or self._queue or self._has_latest)
+            self._cond.wait_for(
+                lambda: self._closed or bool(self._queue) or self._latest is not None
+            )
             if self._queue:
-                item = self._queue.popleft()
-            elif self._has_latest:
-                item, self._latest, self._has_latest = self._latest, None, False
+                got: tuple[T] = (self._queue.popleft(),)
+            elif self._latest is not None:
+                got, self._latest = self._latest, None
             else:
-                return False, None
+                return None
             self._busy = True
-            return True, item
+            return got
 
     def _run(self) -> None:
         while True:
-            got, item = self._next()
-            if not got:
+            got = self._next()
+            if got is None:
                 return
+            (item,) = got
             try:
-                self._handle(item)  # type: ignore[arg-type]
+                self._handle(item)
             except BaseException as exc:  # the thread must outlive a bad item
                 if self._on_error is not None:
                     self._on_error(exc)

@@ -67,7 +67,8 @@ def check_style_id(style_id: object) -> int:
             else TypeError
         )
         raise error(f"style_id {problem}")
-    return style_id  # type: ignore[return-value]
+    assert isinstance(style_id, int)  # style_id_problem accepted it
+    return style_id
 
 
 logger = logging.getLogger(__name__)

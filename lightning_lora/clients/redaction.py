@@ -33,6 +33,8 @@ import threading
 from collections.abc import Iterable, Mapping
 from urllib.parse import quote, unquote, urlsplit
 
+from typing_extensions import override
+
 __all__ = [
     "MASK",
     "MIN_SECRET_LENGTH",
@@ -256,6 +258,7 @@ class RedactingFilter(logging.Filter):
     It never drops a record.
     """
 
+    @override
     def filter(self, record: logging.LogRecord) -> bool:
         """Redact ``record`` in place.
 

@@ -100,18 +100,23 @@ def retrying(budget_s: float, what: str, call: Any, *args: Any, **kwargs: Any) -
         Exception: A non-transient failure, at once (e.g. 404, 403, 412).
     """
     started = time.monotonic()
-    retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_delay(budget_s),
-        wait=tenacity_wait(0.25, 15.0),
-        retry=tenacity.retry_if_exception(is_transient),
-        before_sleep=lambda state: logger.warning(
+
+    def log_retry(state: tenacity.RetryCallState) -> None:
+        assert state.outcome is not None  # tenacity calls before_sleep after a failed attempt
+        logger.warning(
             "S3 %s failed (%s); retrying (attempt %d, %.0fs of the %.0fs budget used)",
             what,
             type(state.outcome.exception()).__name__,
             state.attempt_number,
             time.monotonic() - started,
             budget_s,
-        ),
+        )
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(budget_s),
+        wait=tenacity_wait(0.25, 15.0),
+        retry=tenacity.retry_if_exception(is_transient),
+        before_sleep=log_retry,
         reraise=True,
     )
     try:

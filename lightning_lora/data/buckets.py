@@ -32,9 +32,10 @@ import random
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from torch.utils.data.distributed import DistributedSampler
+from typing_extensions import override
 
 from lightning_lora.errors import DatasetError
 
@@ -166,8 +167,14 @@ def fit_size(width: int, height: int, bucket: Bucket) -> tuple[int, int]:
     return max(bw, round(width * scale)), max(bh, round(height * scale))
 
 
+class RandomSource(Protocol):
+    """What a random crop draws from: a ``random.Random``, or the ``random`` module itself."""
+
+    def randint(self, a: int, b: int) -> int: ...
+
+
 def crop_box(
-    size: tuple[int, int], bucket: Bucket, rng: random.Random | None = None
+    size: tuple[int, int], bucket: Bucket, rng: RandomSource | None = None
 ) -> tuple[int, int, int, int]:
     """The ``(left, top, right, bottom)`` crop of an image of ``size`` (from :func:`fit_size`).
 
@@ -268,6 +275,7 @@ class BucketBatchSampler(DistributedSampler):
         #: Dataset indices per bucket, buckets in a fixed order (by aspect ratio, then width).
         self.groups = dict(sorted(groups.items(), key=lambda kv: (kv[0][0] / kv[0][1], kv[0])))
 
+    @override
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle :meth:`__iter__` yields (Lightning calls this)."""
         self.epoch = int(epoch)
@@ -290,10 +298,12 @@ class BucketBatchSampler(DistributedSampler):
             rng.shuffle(batches)
         return batches
 
+    @override
     def __iter__(self) -> Iterator[BatchRequest]:
         for batch in self.global_batches(self.epoch):
             yield BatchRequest(tuple(batch[self.rank :: self.num_replicas]), self.epoch)
 
+    @override
     def __len__(self) -> int:
         span = self.batch_size * self.num_replicas
         return sum(-(-len(indices) // span) for indices in self.groups.values())

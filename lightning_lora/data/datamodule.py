@@ -17,7 +17,9 @@ from typing import Any, Protocol
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.data import AttributeDict
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 from lightning_lora.clients.image_types import (
     IMAGE_EXTENSIONS,  # re-exported: the extensions listed
@@ -102,6 +104,9 @@ class Encoders(Protocol):
 class StyleDataModule(L.LightningDataModule):
     """Serves a style's images and captions in aspect-ratio buckets, encoded once when cached."""
 
+    #: what ``save_hyperparameters`` stores (Lightning types it ``AttributeDict | MutableMapping``)
+    hparams: AttributeDict
+
     def __init__(
         self,
         image_dir: str,
@@ -183,6 +188,7 @@ class StyleDataModule(L.LightningDataModule):
         self.images: StyleImageDataset | None = None
         self.cache: CachedLatentDataset | None = None
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         """Find the images, read their sizes, assign buckets, decode and check (idempotent).
 
@@ -424,10 +430,12 @@ class StyleDataModule(L.LightningDataModule):
         rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
         return BucketBatchSampler(self.buckets, self.batch_size, self.seed, world, rank)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         """Bucketed batches from the latent cache (built on first use), else decoded images."""
         if self.cache_latents:
             self._ensure_cache()
+            assert self.cache is not None  # _ensure_cache built it
             dataset: Dataset = self.cache
             workers = 0
         else:
@@ -438,7 +446,7 @@ class StyleDataModule(L.LightningDataModule):
             batch_size=None,  # the sampler yields whole batches (BatchRequest), one bucket each
             sampler=self.batch_sampler(),
             num_workers=workers,
-            collate_fn=collate_identity,
+            collate_fn=collate_identity,  # type: ignore[arg-type]  # batch_size=None: one whole batch per call, not a list
             persistent_workers=workers > 0,
         )
 

@@ -15,10 +15,12 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from typing_extensions import override
 
 from lightning_lora.data.buckets import (
     BatchRequest,
     Bucket,
+    RandomSource,
 )
 from lightning_lora.data.captions import (
     CaptionSettings,
@@ -119,7 +121,7 @@ class StyleImageDataset(Dataset):
         return self._decode(index)
 
     def example(
-        self, index: int, flip: bool = False, rng: random.Random | None = None
+        self, index: int, flip: bool = False, rng: RandomSource | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Image ``index`` in its bucket and its pixel mask (``None`` without one).
 
@@ -154,6 +156,7 @@ class StyleImageDataset(Dataset):
             out["pixel_mask"] = torch.ones_like(pixels[:1]) if mask is None else mask
         return out
 
+    @override
     def __getitem__(self, index: int | BatchRequest) -> dict[str, Any]:
         if isinstance(index, BatchRequest):
             return collate_images([self.sample(i, index.epoch) for i in index.indices])
@@ -226,6 +229,7 @@ class CachedLatentDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> Batch:
         return self.batch(indices)
 
+    @override
     def __getitem__(self, index: int | BatchRequest) -> Batch:
         if isinstance(index, BatchRequest):
             return self.batch(index.indices, index.epoch)

@@ -14,6 +14,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -21,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from lightning_lora.clients.image_types import IMAGE_EXTENSIONS
 from lightning_lora.data.buckets import (
     Bucket,
+    RandomSource,
     crop_box,
     fit_size,
 )
@@ -274,12 +276,35 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+@overload
 def preprocess(
     img: Image.Image,
     resolution: int | Bucket,
     random_crop: bool = False,
     flip: bool = False,
-    rng: random.Random | None = None,
+    rng: RandomSource | None = None,
+    mask: None = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def preprocess(
+    img: Image.Image,
+    resolution: int | Bucket,
+    random_crop: bool = False,
+    flip: bool = False,
+    rng: RandomSource | None = None,
+    *,
+    mask: Image.Image,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def preprocess(
+    img: Image.Image,
+    resolution: int | Bucket,
+    random_crop: bool = False,
+    flip: bool = False,
+    rng: RandomSource | None = None,
     mask: Image.Image | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Resize to cover the bucket, crop to it, optionally flip, scale to [-1, 1].

@@ -58,7 +58,7 @@ def module_fingerprint(module: torch.nn.Module | None) -> str:
     if module is None:
         return "none"
     config = getattr(module, "config", None)
-    if hasattr(config, "to_json_string"):
+    if config is not None and hasattr(config, "to_json_string"):
         text = config.to_json_string()
     else:
         text = json.dumps(dict(config or {}), sort_keys=True, default=str)

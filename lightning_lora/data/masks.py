@@ -54,9 +54,9 @@ def load_mask(image: Path, size: tuple[int, int]) -> Image.Image | None:
     path = mask_path(image)
     source = path if path.is_file() else image
     try:
-        with Image.open(source) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
+        with Image.open(source) as opened:
+            opened.load()
+            img = ImageOps.exif_transpose(opened)
             if source == path:
                 mask = img.convert("L")
             elif img.mode in {"RGBA", "LA", "PA"} or (

@@ -37,7 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -131,7 +133,11 @@ def build_tokenizer(words: tuple[str, ...] = WORDS) -> CLIPTokenizer:
     vocab = char_vocab()
     merges: list[tuple[str, str]] = []
     for _ in range(32):
-        tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+        tokenizer = CLIPTokenizer(
+            vocab=dict(vocab),
+            merges=list(merges),  # type: ignore[arg-type]  # annotated str; BPE takes (a, b) pairs
+            model_max_length=77,
+        )
         split = [tokenizer.tokenize(w) for w in words if len(tokenizer.tokenize(w)) > 1]
         if not split:
             return tokenizer
@@ -154,6 +160,10 @@ def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _random_rgb(rng: random.Random) -> tuple[int, int, int]:
+    return rng.randrange(256), rng.randrange(256), rng.randrange(256)
 
 
 def make_scenes(count: int, resolution: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -179,8 +189,8 @@ def make_scenes(count: int, resolution: int, seed: int) -> tuple[torch.Tensor, l
         colours = None
         if i % 2:
             while True:
-                background = tuple(rng.randrange(256) for _ in range(3))
-                shape = tuple(rng.randrange(256) for _ in range(3))
+                background = _random_rgb(rng)
+                shape = _random_rgb(rng)
                 names = nearest_colour(background), nearest_colour(shape)
                 if names[0] != names[1]:
                     break
@@ -403,7 +413,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig, check_prompts: bool = True) -
         save_model_folder(f"{out}-step{step}", tokenizer, text_encoder, vae, unet)
 
     unet, text_encoder, losses = train_unet(
-        latents, captions, tokenizer, vae.config.scaling_factor, cfg, snapshot
+        latents, captions, tokenizer, vae.config["scaling_factor"], cfg, snapshot
     )
     elapsed = time.monotonic() - start
     out = save_model_folder(out, tokenizer, text_encoder, vae, unet)

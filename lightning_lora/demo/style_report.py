@@ -28,6 +28,7 @@ from typing_extensions import override
 from lightning_lora.data.image_folder import find_style_images, load_rgb
 from lightning_lora.demo.shapes import style_distance
 from lightning_lora.training.inference import make_grid, sample_images
+from lightning_lora.training.module import LoRAModule
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class StyleReportCallback(L.Callback):
         self.loss_curve_path: Path | None = None
         self._losses: list[torch.Tensor] = []
 
+    @override
     def on_train_batch_end(
         self,
         trainer: L.Trainer,
@@ -88,9 +90,11 @@ class StyleReportCallback(L.Callback):
         if isinstance(loss, torch.Tensor):
             self._losses.append(loss.detach().float())  # no device sync: read at the end
 
+    @override
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        resolution = self.resolution or getattr(trainer.datamodule, "resolution", 512)
+        assert isinstance(pl_module, LoRAModule), "the style report needs the LoRAModule"
+        resolution = self.resolution or int(getattr(trainer.datamodule, "resolution", 512))  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
         rows = {}
         models = (pl_module.unet, pl_module.text_encoder)
         for name, context in (

@@ -68,7 +68,9 @@ def _partial(cfg: DictConfig | None, name: str, default: Any) -> Any:
     return default if node is None else instantiate(node)
 
 
-def upload_final_lora(storage: S3Storage, style_id: int, result: TrainResult) -> tuple[str, str]:
+def upload_final_lora(
+    storage: S3Storage, style_id: int, result: TrainResult
+) -> tuple[str, str | None]:
     """Upload the exported LoRA files to their final keys.
 
     Args:

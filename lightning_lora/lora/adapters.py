@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
@@ -54,21 +54,41 @@ def lora_config(
         init = init.lower() == "true"
     return LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT annotates int; it scales by alpha / r
         lora_dropout=dropout,
-        init_lora_weights=init,
+        init_lora_weights=init,  # type: ignore[arg-type]  # PEFT checks the name (a Literal there)
         target_modules=list(target_modules),
         use_dora=bool(use_dora),
         use_rslora=bool(use_rslora),
     )
 
 
+def target_modules(config: LoraConfig) -> set[str]:
+    """The names of the layers a LoRA config targets.
+
+    PEFT types ``target_modules`` as ``list[str] | str | None`` (a regular expression, or none to
+    use its defaults); the configs built here always list the names, which PEFT keeps as a set.
+    """
+    targets = config.target_modules
+    assert targets is not None and not isinstance(targets, str), f"no name list: {targets!r}"
+    return set(targets)
+
+
+def adapter_config(model: torch.nn.Module) -> LoraConfig | None:
+    """The config of ``model``'s :data:`ADAPTER` LoRA, ``None`` without one.
+
+    PEFT and diffusers set ``peft_config`` (adapter name -> config) on the model they add an
+    adapter to; it is not a declared attribute of every model class.
+    """
+    configs: dict[str, LoraConfig] = getattr(model, "peft_config", None) or {}
+    return configs.get(ADAPTER)
+
+
 def same_config(a: LoraConfig, b: LoraConfig) -> bool:
     """Whether two LoRA configs make the same adapter (rank, alpha, dropout, init, targets...)."""
     fields = ("r", "lora_alpha", "lora_dropout", "init_lora_weights", "use_dora", "use_rslora")
-    return all(getattr(a, f) == getattr(b, f) for f in fields) and set(a.target_modules) == set(
-        b.target_modules
-    )
+    same_fields = all(getattr(a, f) == getattr(b, f) for f in fields)
+    return same_fields and target_modules(a) == target_modules(b)
 
 
 def inject_lora(unet: UNet2DConditionModel, config: LoraConfig, seed: int) -> int:
@@ -87,7 +107,7 @@ def inject_lora(unet: UNet2DConditionModel, config: LoraConfig, seed: int) -> in
     Returns:
         The number of trainable parameters.
     """
-    existing = getattr(unet, "peft_config", {}).get(ADAPTER)
+    existing = adapter_config(unet)
     if existing is not None and not same_config(existing, config):
         unet.delete_adapters(ADAPTER)
         existing = None

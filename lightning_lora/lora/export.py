@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
-from lightning_lora.lora.adapters import ADAPTER
+from lightning_lora.lora.adapters import ADAPTER, adapter_config, target_modules
 from lightning_lora.lora.kohya import DORA_NOT_IN_KOHYA, kohya_state_dict
 from lightning_lora.lora.safetensors_io import add_metadata, save_file
 
@@ -63,7 +63,7 @@ def _adapter_metadata(config: LoraConfig) -> dict[str, Any]:
     return {
         **config.to_dict(),
         "lora_dropout": 0.0,
-        "target_modules": sorted(config.target_modules),
+        "target_modules": sorted(target_modules(config)),
     }
 
 
@@ -88,12 +88,14 @@ def export_lora(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config: LoraConfig = unet.peft_config[ADAPTER]
+    config = adapter_config(unet)
+    assert config is not None, "the UNet carries no LoRA adapter"
     peft_sd = _peft_state(unet)
     kohya_sd = None if config.use_dora else kohya_state_dict(peft_sd, config, "unet")
     text_kwargs: dict[str, Any] = {}
     if text_encoder is not None:
-        te_config: LoraConfig = text_encoder.peft_config[ADAPTER]
+        te_config = adapter_config(text_encoder)
+        assert te_config is not None, "the text encoder carries no LoRA adapter"
         te_sd = _peft_state(text_encoder)
         text_kwargs = {
             "text_encoder_lora_layers": convert_state_dict_to_diffusers(te_sd),
@@ -112,13 +114,12 @@ def export_lora(
     string_meta = _string_metadata(metadata)
     diffusers_path = folder / DIFFUSERS_WEIGHT_NAME
     add_metadata(diffusers_path, string_meta)  # also sorts the header: byte-reproducible files
-    kohya_path: Path | None = folder / KOHYA_WEIGHT_NAME
+    kohya_path = folder / KOHYA_WEIGHT_NAME
     if kohya_sd is None:
         log.warning(DORA_NOT_IN_KOHYA)
         kohya_path.unlink(missing_ok=True)  # not an older run's file next to this one
-        kohya_path = None
-    else:
-        save_file(kohya_sd, kohya_path, metadata=string_meta)
+        return LoraFiles(folder, diffusers_path, None)
+    save_file(kohya_sd, kohya_path, metadata=string_meta)
     return LoraFiles(folder, diffusers_path, kohya_path)
 
 

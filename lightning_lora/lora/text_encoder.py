@@ -7,16 +7,16 @@ dropout, init, DoRA and rsLoRA follow the UNet's.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from peft import LoraConfig
 from peft.functional import delete_adapter, inject_adapter_in_model, set_adapter
+from transformers import CLIPTextModel
 
+from lightning_lora.config import plain_dict
 from lightning_lora.lora.adapters import (
     ADAPTER,
+    adapter_config,
     lora_config,
     reset_lora,
     same_config,
@@ -38,7 +38,7 @@ def build_lora_configs(node: DictConfig) -> tuple[LoraConfig, LoraConfig | None,
     Returns:
         ``(unet_config, text_encoder_config, text_encoder_lr)``.
     """
-    settings: dict[str, Any] = OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
+    settings = plain_dict(node, resolve=True)
     text = dict(settings.get("text_encoder") or {})
     unet = instantiate(settings)
     if not text.get("enabled", False):
@@ -57,7 +57,7 @@ def build_lora_configs(node: DictConfig) -> tuple[LoraConfig, LoraConfig | None,
 
 
 def inject_text_encoder_lora(
-    text_encoder: torch.nn.Module, config: LoraConfig | None, seed: int
+    text_encoder: CLIPTextModel, config: LoraConfig | None, seed: int
 ) -> int:
     """Give the text encoder a fresh LoRA, or remove one a previous run in this process left.
 
@@ -73,7 +73,7 @@ def inject_text_encoder_lora(
     Returns:
         The number of trainable parameters added.
     """
-    existing = (getattr(text_encoder, "peft_config", None) or {}).get(ADAPTER)
+    existing = adapter_config(text_encoder)
     if existing is not None and (config is None or not same_config(existing, config)):
         delete_adapter(text_encoder, adapter_name=ADAPTER, prefix="lora_")
         del text_encoder.peft_config[ADAPTER]
@@ -82,7 +82,8 @@ def inject_text_encoder_lora(
         return 0
     if existing is None:
         inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER)
-        text_encoder.peft_config = {ADAPTER: config}  # what get_peft_model_state_dict reads
+        # what get_peft_model_state_dict reads
+        text_encoder.peft_config = {ADAPTER: config}  # type: ignore[dict-item]  # transformers' PeftConfigLike does not match PEFT's LoraConfig
     reset_lora(text_encoder, config, seed)
     set_adapter(text_encoder, ADAPTER)
     return train_only_lora(text_encoder)

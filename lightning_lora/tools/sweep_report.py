@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+from typing_extensions import override
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,13 @@ class SweepReport:
 
 
 def _best(rows: Sequence[RunRow], direction: str) -> RunRow | None:
-    done = [r for r in rows if r.objective is not None and math.isfinite(r.objective)]
+    done = [
+        (r.objective, r) for r in rows if r.objective is not None and math.isfinite(r.objective)
+    ]
     if not done:
         return None
     pick = min if direction == "minimize" else max
-    return pick(done, key=lambda r: r.objective)
+    return pick(done, key=lambda scored: scored[0])[1]
 
 
 # --------------------------------------------------------------------------------- collecting
@@ -257,7 +260,8 @@ def plot_objective(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    done = [r for r in rows if r.objective is not None]
+    scored = [(r, r.objective) for r in rows if r.objective is not None]
+    done = [r for r, _ in scored]
     params = list(swept) or ["run"]
     cols = min(3, len(params))
     nrows = math.ceil(len(params) / cols)
@@ -266,7 +270,7 @@ def plot_objective(
     for i, param in enumerate(params):
         ax = fig.add_subplot(nrows, cols, i + 1)
         raw = [r.run if param == "run" else r.overrides.get(param) for r in done]
-        ys = [r.objective for r in done]
+        ys = [y for _, y in scored]
         numbers = [_as_number(v) for v in raw]
         if param != "run" and raw and all(n is not None for n in numbers):
             xs: list[Any] = numbers
@@ -363,9 +367,11 @@ class SweepReportCallback(Callback):
         self.enabled = enabled
         self._sweep_dir: str | None = None
 
+    @override
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._sweep_dir = str(config.hydra.sweep.dir)
 
+    @override
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:
             return

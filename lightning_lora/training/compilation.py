@@ -36,6 +36,7 @@ from typing import Any
 from weakref import WeakSet
 
 import torch
+from diffusers.models.modeling_utils import ModelMixin
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def compile_regions(unet: torch.nn.Module, extra_blocks: Sequence[str] = ()) -> 
     """
     declared = list(getattr(unet, "_repeated_blocks", None) or [])
     if declared:
+        assert isinstance(unet, ModelMixin), "_repeated_blocks is declared by diffusers models"
         unet.compile_repeated_blocks()
     extra = [name for name in extra_blocks if name not in declared]
     counts: dict[str, int] = {}

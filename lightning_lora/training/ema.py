@@ -47,7 +47,7 @@ class LoraEMA:
         self.model.to(self.device)
         self._last_step = -1
 
-    def _sources(self) -> list[torch.Tensor]:
+    def _sources(self) -> Sequence[torch.Tensor]:
         if all(p.device == self.device for p in self.parameters):
             return self.parameters
         # EMAModel averages only tensors that require grad (it copies the others), so the copies
@@ -70,7 +70,7 @@ class LoraEMA:
         if global_step < 1 or global_step == self._last_step or global_step % self.every_n_steps:
             return False
         self._last_step = global_step
-        self.model.step(self._sources())
+        self.model.step(self._sources())  # type: ignore[arg-type]  # diffusers annotates Parameter; any tensors work
         return True
 
     @contextlib.contextmanager

@@ -10,28 +10,41 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.fabric.utilities.data import AttributeDict
+from typing_extensions import override
 
 from lightning_lora.lora.adapters import lora_parameters
 from lightning_lora.training.ema import LoraEMA
 from lightning_lora.training.optimizers import restore_train_mode, set_train_mode
 
+if TYPE_CHECKING:
+    # the type checker sees the host class, so the hooks below are checked as its overrides
+    from lightning import LightningModule as _Host
+else:
+    _Host = object
+
 log = logging.getLogger(__name__)
 
 
-class EvalWeightsMixin:
+class EvalWeightsMixin(_Host):
     """EMA and schedule-free handling of a ``LightningModule`` that trains LoRA parameters."""
 
     ema: LoraEMA | None
     _ema_state: dict[str, Any] | None
-    hparams: Any
-    _trainer: Any
-    trainer: Any
+    #: what ``save_hyperparameters`` stores (Lightning types it ``AttributeDict | MutableMapping``)
+    hparams: AttributeDict
     unet: torch.nn.Module
     text_encoder: torch.nn.Module
-    trains_text_encoder: bool
+
+    if TYPE_CHECKING:
+
+        @property
+        def trains_text_encoder(self) -> bool:
+            """Whether the text encoder's LoRA trains (the host's property)."""
+            ...
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The LoRA parameters: the UNet's, then the text encoder's (when it trains)."""
@@ -56,9 +69,11 @@ class EvalWeightsMixin:
         finally:
             restore_train_mode(optimizers, before)
 
+    @override
     def on_train_epoch_start(self) -> None:
         set_train_mode(self.trainer.optimizers, train=True)  # schedule-free: train weights
 
+    @override
     def on_train_epoch_end(self) -> None:
         # schedule-free: the epoch-end checkpoint (saved after this hook) and the export after
         # the last epoch hold the averaged weights; the next epoch switches back

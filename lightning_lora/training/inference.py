@@ -13,15 +13,20 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightning as L
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from diffusers.training_utils import cast_training_params
 from PIL import Image
 
 from lightning_lora.lora.export import DIFFUSERS_WEIGHT_NAME
 from lightning_lora.training.models import SDComponents, load_components
+
+if TYPE_CHECKING:
+    from lightning_lora.training.module import LoRAModule
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +53,7 @@ def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.I
 
 
 def build_pipeline(
-    components: SDComponents, unet: torch.nn.Module | None = None
+    components: SDComponents, unet: UNet2DConditionModel | None = None
 ) -> StableDiffusionPipeline:
     """An inference pipeline over already-loaded components (nothing is loaded again).
 
@@ -65,8 +70,8 @@ def build_pipeline(
         tokenizer=components.tokenizer,
         unet=unet or components.unet,
         scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
+        safety_checker=None,  # type: ignore[arg-type]  # diffusers accepts None; not in its annotation
+        feature_extractor=None,  # type: ignore[arg-type]  # diffusers accepts None; not in its annotation
         requires_safety_checker=False,
     )
 
@@ -119,7 +124,7 @@ def generate(
 
 
 def sample_images(
-    pl_module: L.LightningModule,
+    pl_module: LoRAModule,
     prompts: Sequence[str],
     resolution: int,
     steps: int,

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 #: Bump when the tiny model's architecture or build changes, so stale caches are not reused.
 TINY_MODEL_VERSION = "v1"
 
-TINY_UNET = dict(
+TINY_UNET: dict[str, Any] = dict(
     sample_size=8,
     in_channels=4,
     out_channels=4,
@@ -40,7 +42,7 @@ TINY_UNET = dict(
     attention_head_dim=4,
     norm_num_groups=32,
 )
-TINY_VAE = dict(
+TINY_VAE: dict[str, Any] = dict(
     in_channels=3,
     out_channels=3,
     latent_channels=4,
@@ -52,7 +54,7 @@ TINY_VAE = dict(
     norm_num_groups=32,
 )
 #: SD1.5's noise schedule (scaled_linear betas, epsilon prediction).
-SD15_SCHEDULER = dict(
+SD15_SCHEDULER: dict[str, Any] = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,
@@ -120,18 +122,25 @@ def load_components(
         variant,
         torch_dtype,
     )
-    common = dict(revision=revision)
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
+    tokenizer = CLIPTokenizer.from_pretrained(
+        path,
+        subfolder="tokenizer",
+        revision=revision,  # type: ignore[arg-type]  # transformers annotates str; None = default
+    )
     text_encoder = CLIPTextModel.from_pretrained(
-        path, subfolder="text_encoder", variant=variant, torch_dtype=torch_dtype, **common
+        path,
+        subfolder="text_encoder",
+        variant=variant,
+        torch_dtype=torch_dtype,
+        revision=revision,  # type: ignore[arg-type]  # transformers annotates str; None = default
     )
     vae = AutoencoderKL.from_pretrained(
-        path, subfolder="vae", variant=variant, torch_dtype=torch_dtype, **common
+        path, subfolder="vae", variant=variant, torch_dtype=torch_dtype, revision=revision
     )
     unet = UNet2DConditionModel.from_pretrained(
-        path, subfolder="unet", variant=variant, torch_dtype=torch_dtype, **common
+        path, subfolder="unet", variant=variant, torch_dtype=torch_dtype, revision=revision
     )
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
         module.eval()
@@ -159,7 +168,7 @@ def char_vocab() -> dict[str, int]:
 
 
 #: The tiny text encoder (the vocabulary size comes from the tokenizer).
-TINY_CLIP = dict(
+TINY_CLIP: dict[str, Any] = dict(
     hidden_size=32,
     intermediate_size=64,
     num_hidden_layers=2,

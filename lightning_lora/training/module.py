@@ -11,14 +11,20 @@ from typing import Any
 
 import lightning as L
 import torch
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import cast_training_params
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from peft import LoraConfig
+from transformers import CLIPTextModel, CLIPTokenizer
+from typing_extensions import override
 
+from lightning_lora.config import plain_dict
 from lightning_lora.data.masks import weight_loss
 from lightning_lora.errors import NonFiniteLossError
-from lightning_lora.lora.adapters import inject_lora, lora_parameters
+from lightning_lora.lora.adapters import inject_lora, lora_parameters, target_modules
 from lightning_lora.lora.text_encoder import inject_text_encoder_lora
 from lightning_lora.training.compilation import CompileCache, compiled_unet, eager
 from lightning_lora.training.ema import LoraEMA
@@ -43,6 +49,12 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
     Checkpoints hold only the LoRA weights (plus optimizer, scheduler, loop and RNG state), so they
     are megabytes and resume exactly.
     """
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
 
     def __init__(
         self,
@@ -116,7 +128,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         # a plain list: the hparams go into checkpoints, which load with weights_only=True
         # (an OmegaConf ListConfig from the config would not)
         compile_extra_blocks = [str(name) for name in compile_extra_blocks]
-        ema = OmegaConf.to_container(ema) if isinstance(ema, DictConfig) else dict(ema or {})
+        ema = plain_dict(ema) if isinstance(ema, DictConfig) else dict(ema or {})
         self.save_hyperparameters(
             ignore=["components", "optimizer", "scheduler", "lora", "text_encoder_lora"]
         )
@@ -131,7 +143,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         self.strict_loading = False
         check_sampling(
             timestep_sampling,
-            self.noise_scheduler.config.num_train_timesteps,
+            self.noise_scheduler.config["num_train_timesteps"],
             min_timestep,
             max_timestep,
         )
@@ -155,7 +167,9 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         self._empty_embed: torch.Tensor | None = None
         self._val_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         #: (device, dtype, autocast state) -> device-side noise tables (see noise_tables()).
-        self._noise_tables: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
+        self._noise_tables: dict[
+            tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = {}
         self._compile_cache: CompileCache | None = None
         self._compile_saved = False
         if compile_cache_dir and compile_mode not in (None, "none"):
@@ -194,7 +208,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
     def _latents(self, latent_params: torch.Tensor, sample: bool = True) -> torch.Tensor:
         dist = DiagonalGaussianDistribution(latent_params)
         latents = dist.sample() if sample else dist.mode()
-        return latents * self.vae.config.scaling_factor
+        return latents * self.vae.config["scaling_factor"]
 
     def diffusion_loss(
         self,
@@ -222,7 +236,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         """
         sched = self.noise_scheduler
         noisy = self.add_noise(latents, noise, timesteps)
-        prediction_type = sched.config.prediction_type
+        prediction_type = sched.config["prediction_type"]
         if prediction_type == "epsilon":
             target = noise
         elif prediction_type == "v_prediction":
@@ -230,6 +244,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         else:
             raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
         mode = self.hparams.compile_mode
+        context_manager: contextlib.AbstractContextManager[None]
         if compiled:
             unet = compiled_unet(self.unet, mode, self.hparams.compile_extra_blocks)
             cache = self._compile_cache
@@ -254,9 +269,11 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         loss = weight_loss(loss, weights).mean(dim=(1, 2, 3))  # masked loss (masks.py)
         if hp.snr_gamma or hp.debiased_estimation:
             snr = self.snr(timesteps)
-            loss = loss * timestep_weights(
+            snr_weights = timestep_weights(
                 snr, prediction_type, hp.snr_gamma, hp.debiased_estimation
             )
+            assert snr_weights is not None  # a weighting is on
+            loss = loss * snr_weights
         return loss
 
     # ----------------------------------------------------------------------------- noise tables
@@ -348,7 +365,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         hp = self.hparams
         timesteps = sample_timesteps(
             bsz,
-            self.noise_scheduler.config.num_train_timesteps,
+            self.noise_scheduler.config["num_train_timesteps"],
             latents.device,
             hp.timestep_sampling,
             hp.logit_mean,
@@ -371,6 +388,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
             self._empty_embed = self.encode_text([""])
         return self._empty_embed
 
+    @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)
         detached = loss.detach()
@@ -393,11 +411,12 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         trainer = self._trainer
         if trainer is None:
             return True
-        if trainer.fast_dev_run:
+        if trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
             return True
-        every = trainer.log_every_n_steps
+        every = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
         return every > 0 and ((trainer.global_step + 1) % every == 0 or trainer.should_stop)
 
+    @override
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         """``LightningModule.log``, keeping plain numbers (from callbacks) on the CPU.
 
@@ -410,6 +429,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
             value = torch.tensor(float(value), dtype=torch.float32)
         super().log(name, value, *args, **kwargs)
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = max(1, self.hparams.check_finite_every_n_steps)
         if self.trainer.global_step % every == 0:
@@ -468,18 +488,20 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         return torch.cat(losses).mean()
 
     # ----------------------------------------------------------------------------- hooks
+    @override
     def setup(self, stage: str) -> None:
         """Hand the frozen encoders to the datamodule, which caches latents with them."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "use_encoders"):
             datamodule.use_encoders(self)
 
+    @override
     def on_fit_start(self) -> None:
         """Precision fix-up, the EMA, the validation inputs, device-side noise tables."""
         cast_training_params([self.unet, self.text_encoder], dtype=torch.float32)
         self.start_ema()
         if self.hparams.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
+            self.unet.to(memory_format=torch.channels_last)  # type: ignore[call-arg]  # diffusers' @wraps(Module.to) hides self
         self.prepare_validation_inputs()
         with self.trainer.precision_plugin.forward_context():
             # noise tables on the device, built in the training step's autocast state
@@ -495,15 +517,18 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
             with self.trainer.precision_plugin.forward_context():
                 self.prepare_validation(*datamodule.validation_examples())
 
+    @override
     def on_train_start(self) -> None:
         # After a resume, Lightning has loaded the checkpoint's LoRA tensors: keep them fp32.
         cast_training_params([self.unet, self.text_encoder], dtype=torch.float32)
 
+    @override
     def on_train_end(self) -> None:
         if self._compile_cache is not None:
             self._compile_cache.save()  # graphs compiled later (a ragged last batch) too
         self.check_finite()
 
+    @override
     def configure_gradient_clipping(
         self,
         optimizer: torch.optim.Optimizer,
@@ -527,6 +552,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    @override
     def configure_optimizers(self) -> Any:
         params: list[Any] = lora_parameters(self.unet)
         if self.trains_text_encoder:
@@ -548,6 +574,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {
@@ -557,10 +584,11 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         checkpoint["lora_config"] = {
             "rank": self.lora_config.r,
             "alpha": self.lora_config.lora_alpha,
-            "target_modules": sorted(self.lora_config.target_modules),
+            "target_modules": sorted(target_modules(self.lora_config)),
         }
         self.save_ema_state(checkpoint)
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("lora_config")
         if saved and (saved["rank"], saved["alpha"]) != (

@@ -29,7 +29,7 @@ def _require(module: str, package: str, choice: str) -> ModuleType:
         ) from e
 
 
-def _devices(params: list[Any]) -> set[str]:
+def _devices(params: Sequence[torch.Tensor | dict[str, Any]]) -> set[str]:
     tensors: list[torch.Tensor] = []
     for entry in params:
         tensors.extend(entry["params"] if isinstance(entry, dict) else [entry])
@@ -50,15 +50,15 @@ def adamw_8bit(params: Params, **kwargs: Any) -> torch.optim.Optimizer:
         ValueError: The parameters are not on a CUDA device.
         ImportError: bitsandbytes is not installed.
     """
-    params = list(params)
-    devices = _devices(params)
+    entries: list[torch.Tensor | dict[str, Any]] = list(params)
+    devices = _devices(entries)
     if devices != {"cuda"}:
         raise ValueError(
             "module/optimizer=adamw_8bit (bitsandbytes) runs on a CUDA GPU only, but the LoRA "
             f"parameters are on {', '.join(sorted(devices))}; use module/optimizer=adamw on a CPU"
         )
     bnb = _require("bitsandbytes", "bitsandbytes", "adamw_8bit")
-    return bnb.optim.AdamW8bit(params, **kwargs)
+    return bnb.optim.AdamW8bit(entries, **kwargs)
 
 
 def prodigy(params: Params, **kwargs: Any) -> torch.optim.Optimizer:

@@ -16,6 +16,7 @@ def rng_state_tensors() -> dict[str, Any]:
     (Lightning's default), also when it was fetched from object storage.
     """
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the global RandomState is an MT19937: the legacy tuple
     py_version, py_internal, _ = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),

@@ -23,6 +23,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_lora.config import plain_dict
 from lightning_lora.lora.export import LoraFiles, export_lora
 from lightning_lora.lora.text_encoder import build_lora_configs
 from lightning_lora.training.metadata import training_options_metadata
@@ -121,7 +122,7 @@ def train(
     loggers = _instantiate_dict(cfg.get("logger"), "logger")
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=trainer_cb, logger=loggers or False)
     for run_logger in trainer.loggers:  # the whole resolved config: sweeps see what they vary
-        run_logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        run_logger.log_hyperparams(plain_dict(cfg, resolve=True))
     precision = precision_info(
         str(trainer.precision),
         trainer.strategy.root_device.type,
@@ -161,10 +162,11 @@ def train(
     resume = ckpt_path if ckpt_path is not None else cfg.get("ckpt_path")
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
 
-    grids = [c.last_grid for c in trainer.callbacks if isinstance(c, SampleGridSource)]
+    all_callbacks: list[L.Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
+    grids = [c.last_grid for c in all_callbacks if isinstance(c, SampleGridSource)]
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update({"epochs": float(trainer.current_epoch), "steps": float(trainer.global_step)})
-    for callback in trainer.callbacks:  # each callback publishes its run summary into the metrics
+    for callback in all_callbacks:  # each callback publishes its run summary into the metrics
         if isinstance(callback, RunSummary):
             metrics.update(callback.summary())  # samples_per_s, peak_rss_gib, resumed_from_epoch
     metadata = {

@@ -45,6 +45,7 @@ from lightning_lora.clients.redaction import redact
 from lightning_lora.clients.storage import S3Storage
 from lightning_lora.clients.webhook_client import WebhookClient
 from lightning_lora.clients.webhook_sender import WebhookSender
+from lightning_lora.config import plain_dict
 from lightning_lora.errors import (
     InvalidMessageError,
     JobCrashedError,
@@ -98,8 +99,7 @@ def split_config(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
     train_cfg = copy.deepcopy(cfg)
     with open_dict(train_cfg):
         section = train_cfg.pop("worker", None)
-    plain = OmegaConf.to_container(section, resolve=True) if section is not None else {}
-    return train_cfg, dict(plain or {})  # type: ignore[arg-type]
+    return train_cfg, plain_dict(section, resolve=True) if section is not None else {}
 
 
 class TrainingWorker:

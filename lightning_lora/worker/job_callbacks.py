@@ -44,7 +44,7 @@ class InterruptOnStop(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.stop.is_set():
             return
-        for callback in trainer.callbacks:
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
             if isinstance(callback, S3CheckpointCallback):
                 callback.checkpoint_now(trainer)
                 callback.wait()

@@ -52,6 +52,7 @@ from lightning_lora.worker.records import (
     RecordError,
     RunRef,
     TerminalEvent,
+    TerminalKind,
 )
 
 __all__ = ["Lease", "LeaseBusy", "Ledger"]
@@ -293,12 +294,17 @@ class Ledger:
     # ----------------------------------------------------------------- outcomes
 
     def new_event(
-        self, run: RunRef, kind: str, payload: Mapping[str, Any], webhook_url: str, body: bytes
+        self,
+        run: RunRef,
+        kind: TerminalKind,
+        payload: Mapping[str, Any],
+        webhook_url: str,
+        body: bytes,
     ) -> TerminalEvent:
         """A terminal event of ``run``, created now."""
         if kind not in ("complete", "failed"):
             raise ValueError(f"terminal kind must be 'complete' or 'failed', not {kind!r}")
-        return TerminalEvent.create(run, kind, payload, webhook_url, body, self.clock())  # type: ignore[arg-type]
+        return TerminalEvent.create(run, kind, payload, webhook_url, body, self.clock())
 
     def outcome(self, run: RunRef) -> OutcomeRecord | None:
         """The run's outcome, if it has one."""

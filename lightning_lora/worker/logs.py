@@ -33,6 +33,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from typing_extensions import override
+
 from lightning_lora.clients.redaction import install_redaction, redact
 
 __all__ = [
@@ -97,6 +99,7 @@ class EscapingFormatter(logging.Formatter):
     traceback and stack keep their newlines but have their other control characters escaped.
     """
 
+    @override
     def format(self, record: logging.LogRecord) -> str:
         """Format ``record`` like :class:`logging.Formatter`, escaping as described above.
 
@@ -123,6 +126,7 @@ class EscapingFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     """Formats each record as one line of ASCII JSON (see the module's description)."""
 
+    @override
     def format(self, record: logging.LogRecord) -> str:
         """Format ``record`` as a JSON object on one line.
 

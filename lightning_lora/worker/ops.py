@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
+from typing_extensions import override
 
 __all__ = [
     "DURATION_BUCKETS_S",
@@ -287,6 +288,7 @@ class _OpsHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    @override
     def log_message(self, format: str, *args: object) -> None:
         log.debug("ops %s - %s", self.address_string(), format % args)
 
