@@ -23,6 +23,7 @@ from lightning_lora.training.optimizers import restore_train_mode, set_train_mod
 if TYPE_CHECKING:
     # the type checker sees the host class, so the hooks below are checked as its overrides
     from lightning import LightningModule as _Host
+    from lightning import Trainer
 else:
     _Host = object
 
@@ -46,6 +47,17 @@ class EvalWeightsMixin(_Host):
             """Whether the text encoder's LoRA trains (the host's property)."""
             ...
 
+    def attached_trainer(self) -> Trainer | None:
+        """The trainer the module is attached to, or ``None`` outside one.
+
+        Lightning's ``trainer`` property raises outside a trainer; export and sampling also run
+        on a module that is not (or no longer) attached.
+        """
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The LoRA parameters: the UNet's, then the text encoder's (when it trains)."""
         params = lora_parameters(self.unet)
@@ -60,7 +72,7 @@ class EvalWeightsMixin(_Host):
         Without an EMA and with an ordinary optimizer this changes nothing. Afterwards the
         training weights and optimizer modes are back exactly as they were.
         """
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         optimizers = list(trainer.optimizers) if trainer is not None else []
         before = set_train_mode(optimizers, train=False)
         try:

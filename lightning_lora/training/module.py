@@ -408,7 +408,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         counters: the step about to finish (``global_step + 1``) is a multiple of
         ``log_every_n_steps``, or training is stopping; ``fast_dev_run`` logs every step.
         """
-        trainer = self._trainer
+        trainer = self.attached_trainer()
         if trainer is None:
             return True
         if trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
