@@ -1,86 +1,120 @@
-"""The training options compose: under the worker's config, and in the Optuna recipe search."""
+"""Config composition (``lightning_lora.config`` and ``lightning_lora/configs``): the experiment
+presets compose and train, launchers, sweepers and loggers compose, and the Optuna recipe search
+names real knobs."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
-from hydra.utils import instantiate
 
 from lightning_lora.config import CONFIG_DIR, compose_config
-from lightning_lora.lora.text_encoder import build_lora_configs
-from lightning_lora.worker.cli import compose_worker_config
+from lightning_lora.training.run import train
 
-OPTIONS = (
-    "module/optimizer=prodigy",
-    "module.loss=huber",
-    "module.huber_c=0.2",
-    "module.timestep_sampling=logit_normal",
-    "module.logit_mean=0.5",
-    "module.debiased_estimation=true",
-    "module.ema.enabled=true",
-    "module.ema.device=cpu",
-    "lora.use_rslora=true",
-    "lora.text_encoder.enabled=true",
-    "lora.text_encoder.lr=5e-5",
-)
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 
-def test_the_new_options_compose_under_the_worker_config() -> None:
-    cfg = compose_worker_config(["model=tiny", *OPTIONS])
-    assert cfg.task_name == "worker" and "worker" in cfg  # still the worker's config
-    module = cfg.module
-    assert module.optimizer._target_ == "lightning_lora.training.optimizers.prodigy"
-    assert module.optimizer.lr == 1.0
-    assert (module.loss, module.huber_c, module.timestep_sampling) == ("huber", 0.2, "logit_normal")
-    assert module.debiased_estimation and module.ema.enabled and module.ema.device == "cpu"
-    unet, text_encoder, lr = build_lora_configs(cfg.lora)
-    assert unet.use_rslora and text_encoder is not None and text_encoder.use_rslora
-    assert lr == 5e-5 and sorted(text_encoder.target_modules) == [
-        "k_proj",
-        "out_proj",
-        "q_proj",
-        "v_proj",
+#: Presets meant for a GPU: run on CPU at full precision without compiling.
+GPU_PRESETS = {"sd15_fast", "sd15_quality"}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_preset_composes(name: str, tmp_path: Path) -> None:
+    cfg = compose_config([f"experiment={name}"], output_dir=tmp_path)
+    assert cfg.lora.rank >= 1 and cfg.trainer.max_epochs >= 1
+    if name == "sd15_fast":
+        assert cfg.trainer.precision == "bf16-mixed"
+        assert cfg.data.cache_latents and cfg.data.batch_size == 8
+        assert not cfg.module.gradient_checkpointing
+        assert cfg.module.optimizer.fused is True
+        assert cfg.module.compile_mode == "default" and cfg.module.channels_last
+    if name == "sd15_quality":
+        assert cfg.module.gradient_checkpointing
+        assert cfg.module.scheduler._target_.endswith("get_cosine_schedule_with_warmup")
+        assert cfg.module.snr_gamma == 5 and cfg.data.random_flip
+        base = compose_config([], output_dir=tmp_path)
+        assert cfg.module.optimizer.lr < base.module.optimizer.lr
+        assert cfg.trainer.max_epochs > compose_config(["experiment=sd15_fast"]).trainer.max_epochs
+    if name == "tiny":
+        assert cfg.trainer.accelerator == "cpu" and cfg.data.resolution == 64
+        assert cfg.trainer.max_epochs <= 2
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_the_expected_presets_exist() -> None:
+    assert {"tiny", "demo", "sd15_fast", "sd15_quality"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_preset_runs_tiny(name: str, make_cfg, tmp_path: Path) -> None:
+    overrides = [
+        f"experiment={name}",
+        "trainer.max_epochs=1",
+        "++trainer.limit_train_batches=1",
+        "module.compile_mode=none",
+        "validation.num_inference_steps=2",
     ]
-    # the training config's defaults are unchanged by the worker config
-    plain = compose_worker_config(["model=tiny"])
-    assert plain.module.optimizer._target_ == "torch.optim.AdamW"
-    assert (plain.module.loss, plain.module.timestep_sampling) == ("l2", "uniform")
-    assert not plain.module.ema.enabled and not plain.lora.text_encoder.enabled
-    assert build_lora_configs(plain.lora)[1] is None
+    if name in GPU_PRESETS:
+        overrides.append("trainer.precision=32-true")
+    result = train(make_cfg(*overrides, output_dir=tmp_path / name))
+    assert result.metrics["steps"] == 1
+    assert np.isfinite(result.metrics["val/loss"])
+    assert result.lora is not None and result.lora.diffusers.is_file()
 
 
-def test_a_dora_job_delivers_the_diffusers_file_only_and_drops_a_stale_kohya_file(
-    s3_env, tmp_path
-) -> None:
-    from lightning_lora.jobs.layout import kohya_key, model_key
-    from lightning_lora.jobs.runner import upload_final_lora
-    from lightning_lora.lora.export import LoraFiles
-    from lightning_lora.training.run import TrainResult
+def _compose_with_hydra(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    assert compose_worker_config(["model=tiny", "lora.use_dora=true"]).lora.use_dora
-    stale = tmp_path / "old_kohya.safetensors"
-    stale.write_bytes(b"an earlier training's kohya file")
-    s3_env.upload_file(stale, kohya_key(7), {"style_id": 7})
-    diffusers = tmp_path / "pytorch_lora_weights.safetensors"
-    diffusers.write_bytes(b"dora weights")
-    result = TrainResult(
-        output_dir=tmp_path,
-        lora=LoraFiles(tmp_path, diffusers, None),
-        metrics={},
-        metadata={"num_epochs": 1, "network_dim": 4, "network_alpha": 4},
-    )
-    model_url, kohya_url = upload_final_lora(s3_env, 7, result)
-    assert kohya_url is None and model_url.endswith(model_key(7))
-    assert kohya_key(7) not in set(s3_env.list_keys("models/style_7/"))
-    assert model_key(7) in set(s3_env.list_keys("models/style_7/"))
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose("train", overrides=overrides, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
 
 
-@pytest.mark.parametrize("choice", ["adamw_fused", "adamw_8bit", "schedule_free", "adafactor"])
-def test_every_optimizer_choice_instantiates_as_a_partial(choice: str) -> None:
-    cfg = compose_config([f"module/optimizer={choice}"])
-    factory = instantiate(cfg.module.optimizer)
-    assert callable(factory) and cfg.module.optimizer.lr > 0
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_launcher_and_sweeper_configs_compose() -> None:
+    cfg = _compose_with_hydra(["hydra/launcher=local_parallel", "experiment=tiny"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert launcher.n_jobs == 2
+    cfg = _compose_with_hydra(["hydra/launcher=slurm", "hparams_search=sd15_optuna"])
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.sweeper.direction == "minimize"
+    assert set(cfg.hydra.sweeper.params) == {
+        "lora.rank",
+        "lora.alpha",
+        "module.optimizer.lr",
+        "trainer.max_epochs",
+    }
+    assert cfg.optimized_metric == "val/loss"
+    callback = cfg.hydra.callbacks.sweep_report._target_
+    assert callback == "lightning_lora.tools.sweep_report.SweepReportCallback"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_optional_loggers_compose(tmp_path: Path) -> None:
+    cfg = compose_config(["logger=[csv,tensorboard,wandb,mlflow]"], output_dir=tmp_path)
+    targets = {name: node._target_ for name, node in cfg.logger.items()}
+    assert targets == {
+        "csv": "lightning.pytorch.loggers.CSVLogger",
+        "tensorboard": "lightning.pytorch.loggers.TensorBoardLogger",
+        "wandb": "lightning.pytorch.loggers.WandbLogger",
+        "mlflow": "lightning.pytorch.loggers.MLFlowLogger",
+    }
 
 
 def _first_value(spec: str) -> str:

@@ -13,7 +13,7 @@ from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "load_test.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "load_test.py"
 
 
 def _load_script() -> ModuleType:

@@ -13,13 +13,16 @@ import pytest
 
 from lightning_lora.clients.redaction import (
     MASK,
+    RedactingFilter,
     clear_registered_secrets,
+    install_redaction,
     is_secret_env_name,
     redact,
     register_secret,
 )
+from tests.support.webhooks import TOKEN
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -169,3 +172,43 @@ def test_redact_is_fast_for_a_typical_environment() -> None:
     )
     seconds = float(done.stdout.strip())
     assert seconds < 50e-6, f"redact() took {seconds * 1e6:.1f} µs per call"
+
+
+def test_redact_masks_env_secrets_urls_and_bearer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INTERNAL_API_TOKEN", "internal-token-1")
+    monkeypatch.setenv("RABBITMQ_URL", "amqp://user:rabbit%40pw@mq:5672/")
+    text = (
+        "a internal-token-1 b; amqp://guest:guest-pw@host/vhost; Authorization: Bearer xyz.123;"
+        " pw rabbit@pw; http://backend:8000/api"
+    )
+    assert redact(text) == (
+        "a *** b; amqp://guest:***@host/vhost; Authorization: Bearer ***;"
+        " pw ***; http://backend:8000/api"
+    )
+
+
+def test_redacting_filter_rewrites_records(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("INTERNAL_API_TOKEN", TOKEN)
+    caplog.handler.addFilter(RedactingFilter())
+    log = logging.getLogger("tests.redaction")
+    try:
+        raise RuntimeError(f"failed with {TOKEN}")
+    except RuntimeError:
+        log.exception("call with %s failed", TOKEN)
+    assert "call with *** failed" in caplog.text and "failed with ***" in caplog.text
+    assert TOKEN not in caplog.text
+
+
+def test_install_redaction_is_idempotent() -> None:
+    log = logging.getLogger("tests.install_redaction")
+    handler = logging.NullHandler()
+    log.addHandler(handler)
+    try:
+        first = install_redaction(log)
+        assert install_redaction(log) is first
+        assert handler.filters == [first] and log.filters == [first]
+    finally:
+        log.removeHandler(handler)
+        log.removeFilter(first)

@@ -1,22 +1,14 @@
-"""S3 storage against moto's server, reached over HTTP."""
+"""S3 storage (``lightning_lora.clients.storage``) against moto's server, reached over HTTP."""
 
 from __future__ import annotations
 
-import io
 import re
-import socket
 import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from lightning_lora.clients.image_types import (
-    local_image_name,
-    sniff_image_format,
-    with_image_extension,
-)
-from lightning_lora.clients.s3_names import parse_s3_url
+from lightning_lora.clients.image_types import sniff_image_format
 from lightning_lora.clients.storage import S3Storage
 from lightning_lora.data.datamodule import StyleDataModule, find_style_images, load_rgb
 from lightning_lora.errors import (
@@ -28,6 +20,8 @@ from lightning_lora.errors import (
     UploadError,
 )
 from lightning_lora.jobs.layout import checkpoint_prefix, kohya_key, model_key
+from tests.support.images import image_bytes
+from tests.support.net import closed_port_url
 from tests.support.s3 import MotoS3Server, fake_aws_env
 
 
@@ -35,95 +29,6 @@ def put(storage: S3Storage, key: str, data: bytes) -> str:
     """Store ``data`` under ``key`` with the storage's own client; return its URL."""
     storage.client.put_object(Bucket=storage.bucket, Key=key, Body=data)
     return storage.s3_url(key)
-
-
-def closed_port_url() -> str:
-    """A URL on 127.0.0.1 where nothing listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
-def image_bytes(fmt: str, color: tuple[int, int, int] = (200, 30, 30), size=(16, 12)) -> bytes:
-    """A small real image in Pillow format ``fmt`` (``"JPEG"``, ``"PNG"``, ``"WEBP"``, ...)."""
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-# --------------------------------------------------------------------------- parse_s3_url
-
-
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("s3://bucket/key.jpg", ("bucket", "key.jpg")),
-        ("s3://my.bucket-1/a/b/c 1.png", ("my.bucket-1", "a/b/c 1.png")),
-        ("S3://abc/x..y.jpg", ("abc", "x..y.jpg")),
-    ],
-)
-def test_parse_s3_url_accepts(url: str, expected: tuple[str, str]) -> None:
-    assert parse_s3_url(url) == expected
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "file:///etc/passwd",
-        "http://169.254.169.254/latest/meta-data/iam/",
-        "https://bucket.s3.amazonaws.com/key.jpg",
-        "s3:/bucket/key",
-        "bucket/key",
-        "",
-        "s3://",
-        "s3:///key.jpg",
-        "s3://bucket",
-        "s3://bucket/",
-        "s3://bucket/folder/",
-        "s3://bucket//etc/passwd",
-        "s3://bucket/../etc/passwd",
-        "s3://bucket/a/../../b.jpg",
-        "s3://bucket/a/./b.jpg",
-        "s3://bucket/a\\..\\b.jpg",
-        "s3://bucket/a\nb.jpg",
-        "s3://bucket/a\x00b.jpg",
-        "s3://Bucket_Upper/key",
-        "s3://ab/key",
-        "s3://192.168.0.1/key",
-        "s3://user:pw@bucket/key",
-        "s3://bucket..x/key",
-        "s3://" + "b" * 64 + "/key",
-        "s3://bucket/" + "k" * 1025,
-    ],
-)
-def test_parse_s3_url_rejects(url: str) -> None:
-    with pytest.raises(InvalidMessageError, match="invalid S3 URL"):
-        parse_s3_url(url)
-
-
-def test_parse_s3_url_rejects_non_string_and_disallowed_bucket() -> None:
-    with pytest.raises(InvalidMessageError):
-        parse_s3_url(None)  # type: ignore[arg-type]
-    assert parse_s3_url("s3://good/k", allowed_buckets={"good"}) == ("good", "k")
-    with pytest.raises(InvalidMessageError, match="not allowed"):
-        parse_s3_url("s3://other/k", allowed_buckets={"good"})
-
-
-def test_key_helpers() -> None:
-    assert model_key(7) == "models/style_7/lora_weights.safetensors"
-    assert kohya_key(7) == "models/style_7/lora_kohya.safetensors"
-    assert checkpoint_prefix(7) == "checkpoints/style_7/"
-    with pytest.raises(ValueError, match="style_id"):
-        model_key(-1)
-    with pytest.raises(ValueError, match="run id"):
-        checkpoint_prefix(7, "../x")
-    assert local_image_name(3, "a/b/../.hidden name$.jpg") == "0003_hidden_name_.jpg"
-    assert local_image_name(0, "x/" + "n" * 300 + ".png").endswith("n.png")
-    assert len(local_image_name(0, "x/" + "n" * 300 + ".png")) == 105
-
-
-# --------------------------------------------------------------------------- objects
 
 
 def test_storage_reads_environment(s3_env: S3Storage, moto_s3: MotoS3Server) -> None:
@@ -176,9 +81,6 @@ def test_upload_missing_local_file_or_bad_key(s3_env: S3Storage, tmp_path: Path)
     (tmp_path / "f").write_bytes(b"x")
     with pytest.raises(InvalidMessageError):
         s3_env.upload_file(tmp_path / "f", "../escape")
-
-
-# --------------------------------------------------------------------------- images
 
 
 def test_download_images_keeps_same_basenames_apart(s3_env: S3Storage, tmp_path: Path) -> None:
@@ -298,30 +200,6 @@ def test_unsupported_file_among_images_names_its_url(
         s3_env.download_images([good, bad, after], dest, 10, 10_000, 100_000)
     assert info.value.error_code == "INVALID_IMAGE"
     assert sorted(p.name for p in dest.iterdir()) == ["0000_a.png"]  # nothing of the bad one
-
-
-def test_sniffing_reads_magic_bytes_not_names(tmp_path: Path) -> None:
-    for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "ICO", "PDF"):
-        data = image_bytes(fmt)
-        assert sniff_image_format(data) == fmt
-        path = tmp_path / f"{fmt}.bin"
-        path.write_bytes(data)
-        assert sniff_image_format(path) == sniff_image_format(str(path)) == fmt
-    assert sniff_image_format(b"RIFF\x00\x00\x00\x00WAVEfmt ") is None  # RIFF, not WebP
-    assert sniff_image_format(b"\x00\x00\x00\x1cftypavif") == "AVIF"
-    assert sniff_image_format(b"\x00\x00\x00\x18ftypheic") == "HEIF"
-    assert sniff_image_format(b"\xff\xd8") is None  # too short to be a JPEG
-    assert sniff_image_format(b"") is None
-    assert with_image_extension("a.jpeg", "JPEG") == "a.jpeg"
-    assert with_image_extension("a.webp", "JPEG") == "a.jpg"
-    assert with_image_extension("scan.tiff", "PNG") == "scan.tiff.png"
-    assert with_image_extension(".png", "WEBP") == ".png.webp"
-    with pytest.raises(ValueError, match="GIF"):
-        with_image_extension("a", "GIF")
-    assert local_image_name(2, "x/3f2a9c", image_format="WEBP") == "0002_3f2a9c.webp"
-
-
-# --------------------------------------------------------------------------- unreachable store
 
 
 def test_unreachable_store_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

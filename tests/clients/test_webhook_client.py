@@ -1,9 +1,9 @@
-"""Webhook client and sender against a real local HTTP server."""
+"""The webhook client (``lightning_lora.clients.webhook_client``) against a real local HTTP
+server: the contract, retries and budgets, the token kept out of logs."""
 
 from __future__ import annotations
 
 import logging
-import socket
 import time
 
 import pytest
@@ -14,43 +14,17 @@ from lightning_lora.clients.contract import (
     MAX_ERROR_MESSAGE_CHARS,
     PROGRESS_PATH,
 )
-from lightning_lora.clients.redaction import RedactingFilter, install_redaction, redact
 from lightning_lora.clients.webhook_client import WebhookClient
 from lightning_lora.clients.webhook_sender import WebhookSender
+from tests.support.net import closed_port_url
 from tests.support.receiver import RecordedRequest, Reply, WebhookReceiver
-
-TOKEN = "tok-5ecret-value-123"
-
-
-def fast_client(receiver: WebhookReceiver, **overrides: object) -> WebhookClient:
-    """A client with short timeouts and backoffs, suitable for tests."""
-    options: dict[str, object] = {
-        "token": TOKEN,
-        "timeout_s": 2.0,
-        "max_attempts": 4,
-        "max_total_s": 10.0,
-        "backoff_base_s": 0.01,
-        "backoff_max_s": 0.05,
-    }
-    options.update(overrides)
-    return WebhookClient(receiver.base_url, **options)  # type: ignore[arg-type]
-
-
-def closed_port_url() -> str:
-    """A URL on 127.0.0.1 where nothing listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+from tests.support.webhooks import TOKEN, fast_client
 
 
 def assert_contract_headers(request: RecordedRequest) -> None:
     assert request.header("Authorization") == f"Bearer {TOKEN}"
     assert request.header("X-Request-Source") == "training-server"
     assert request.header("Content-Type") == "application/json"
-
-
-# --------------------------------------------------------------------------- contract
 
 
 def test_progress_request_matches_contract(webhook_receiver: WebhookReceiver) -> None:
@@ -111,9 +85,6 @@ def test_token_read_from_env_at_call_time(
     monkeypatch.setenv("INTERNAL_API_TOKEN", TOKEN)
     assert client.send_progress(1, 1, 2, 50, 10)
     assert_contract_headers(webhook_receiver.requests[0])
-
-
-# --------------------------------------------------------------------------- retries
 
 
 def test_retries_after_5xx_then_succeeds(webhook_receiver: WebhookReceiver) -> None:
@@ -185,79 +156,6 @@ def test_progress_is_single_attempt_and_never_raises(webhook_receiver: WebhookRe
     assert WebhookClient(closed_port_url(), token=TOKEN).send_progress(1, 1, 2, 3, 4) is False
 
 
-# --------------------------------------------------------------------------- sender
-
-
-def test_sender_keeps_latest_progress_and_never_drops_complete(
-    webhook_receiver: WebhookReceiver,
-) -> None:
-    webhook_receiver.set_default(Reply(delay_s=0.2), path=PROGRESS_PATH)
-    with WebhookSender(fast_client(webhook_receiver)) as sender:
-        for epoch in range(1, 21):
-            sender.post_progress(5, epoch, 20, epoch * 5, 100 - epoch)
-        assert sender.post_complete(5, "s3://b-1/k", {"training_epochs": 20})
-        for epoch in range(21, 25):
-            sender.post_progress(5, epoch, 20, 100, 0)
-        assert sender.flush(10.0)
-        stats = sender.stats
-    progress = webhook_receiver.requests_to(PROGRESS_PATH)
-    assert len(progress) < 10 and stats.progress_replaced > 10
-    epochs = [r.json["progress"]["current_epoch"] for r in progress]
-    assert 20 in epochs and epochs[-1] == 24
-    completes = webhook_receiver.requests_to(COMPLETE_PATH)
-    assert len(completes) == 1 and stats.reliable_sent == 1
-    sequence = [
-        r.json["progress"]["current_epoch"] if r.path == PROGRESS_PATH else "complete"
-        for r in webhook_receiver.requests
-    ]
-    assert sequence.index(20) < sequence.index("complete")  # progress posted before goes first
-
-
-def test_sender_sends_reliable_reports_in_order(webhook_receiver: WebhookReceiver) -> None:
-    webhook_receiver.script(COMPLETE_PATH, 500, 200)
-    with WebhookSender(fast_client(webhook_receiver)) as sender:
-        sender.post_complete(1, "s3://b-1/k", {})
-        sender.post_failed(2, "e", "X")
-        sender.post_progress(3, 1, 2, 50, 1)
-        assert sender.flush(10.0)
-    paths = [r.path for r in webhook_receiver.requests]
-    assert paths == [COMPLETE_PATH, COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH]
-
-
-def test_post_progress_does_not_wait_on_hanging_receiver(
-    webhook_receiver: WebhookReceiver,
-) -> None:
-    webhook_receiver.set_default(Reply(hang=True), path=PROGRESS_PATH)
-    sender = WebhookSender(fast_client(webhook_receiver, timeout_s=10.0))
-    sender.post_progress(1, 1, 10, 10, 90)
-    webhook_receiver.wait_for_count(1, PROGRESS_PATH)
-    start = time.perf_counter()
-    for epoch in range(2, 50):
-        assert sender.post_progress(1, epoch, 50, epoch * 2, 50 - epoch)
-    sender.post_failed(1, "late failure", "TRAINING_FAILED")
-    elapsed = time.perf_counter() - start
-    # Returned while the first request is still held by the server.
-    assert webhook_receiver.in_flight == 1 and not webhook_receiver.released
-    assert elapsed < 0.5  # generous: the real guarantee is the line above
-    webhook_receiver.release()
-    assert sender.close(10.0)
-    assert not sender.is_alive
-    paths = [r.path for r in webhook_receiver.requests]
-    assert paths == [PROGRESS_PATH, PROGRESS_PATH, FAILED_PATH]
-    assert webhook_receiver.requests[1].json["progress"]["current_epoch"] == 49
-
-
-def test_sender_rejects_posts_after_close(webhook_receiver: WebhookReceiver) -> None:
-    sender = WebhookSender(fast_client(webhook_receiver))
-    assert sender.close(5.0)
-    assert sender.post_progress(1, 1, 2, 3, 4) is False
-    assert sender.post_complete(1, "s3://b-1/k", {}) is False
-    assert sender.stats.rejected_after_close == 2
-
-
-# --------------------------------------------------------------------------- secrets
-
-
 def test_token_never_in_logs_or_repr(
     webhook_receiver: WebhookReceiver,
     caplog: pytest.LogCaptureFixture,
@@ -278,43 +176,3 @@ def test_token_never_in_logs_or_repr(
     assert "given up" in caplog.text and "delivered after 3 attempt(s)" in caplog.text
     assert TOKEN not in caplog.text
     assert TOKEN not in webhook_receiver.requests_to(FAILED_PATH)[-1].body.decode()
-
-
-def test_redact_masks_env_secrets_urls_and_bearer(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("INTERNAL_API_TOKEN", "internal-token-1")
-    monkeypatch.setenv("RABBITMQ_URL", "amqp://user:rabbit%40pw@mq:5672/")
-    text = (
-        "a internal-token-1 b; amqp://guest:guest-pw@host/vhost; Authorization: Bearer xyz.123;"
-        " pw rabbit@pw; http://backend:8000/api"
-    )
-    assert redact(text) == (
-        "a *** b; amqp://guest:***@host/vhost; Authorization: Bearer ***;"
-        " pw ***; http://backend:8000/api"
-    )
-
-
-def test_redacting_filter_rewrites_records(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setenv("INTERNAL_API_TOKEN", TOKEN)
-    caplog.handler.addFilter(RedactingFilter())
-    log = logging.getLogger("tests.redaction")
-    try:
-        raise RuntimeError(f"failed with {TOKEN}")
-    except RuntimeError:
-        log.exception("call with %s failed", TOKEN)
-    assert "call with *** failed" in caplog.text and "failed with ***" in caplog.text
-    assert TOKEN not in caplog.text
-
-
-def test_install_redaction_is_idempotent() -> None:
-    log = logging.getLogger("tests.install_redaction")
-    handler = logging.NullHandler()
-    log.addHandler(handler)
-    try:
-        first = install_redaction(log)
-        assert install_redaction(log) is first
-        assert handler.filters == [first] and log.filters == [first]
-    finally:
-        log.removeHandler(handler)
-        log.removeFilter(first)

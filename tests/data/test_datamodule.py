@@ -1,4 +1,4 @@
-"""The DataModule: discovery, captions, preprocessing, bad input, and the latent cache."""
+"""The DataModule: discovery, captions, preprocessing, bad and hostile input, the latent cache."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import io
 import json
 import random
 import shutil
+import struct
 import subprocess
 import sys
+import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,7 @@ from lightning_lora.data.datamodule import (
 from lightning_lora.errors import DatasetError, InvalidImageError
 from tests.support.images import write_solid_png
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _png(path: Path, size=(80, 60), color=(200, 30, 30), mode="RGB") -> Path:
@@ -173,9 +176,6 @@ def test_cache_holds_both_orientations_when_flipping(tmp_path: Path) -> None:
     assert seen == {True, False}  # both orientations are served
 
 
-# --------------------------------------------------------------------------- memory
-
-
 def _noise_image(size: tuple[int, int], seed: int, mode: str = "RGB") -> Image.Image:
     rng = random.Random(seed)
     channels = len(mode)
@@ -283,3 +283,50 @@ def test_setup_memory_grows_with_resolution_not_upload_size(tmp_path: Path) -> N
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["delta_mb"] < 600, result  # the old code keeps 6 x 137 MiB
     assert result["sizes"] == [[resolution, resolution]] * 6
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
+    bomb = _png_header_only(tmp_path / "bomb.png", 30000, 30000)
+    assert bomb.stat().st_size < 200
+    started = time.monotonic()
+    with pytest.raises(InvalidImageError, match=r"bomb\.png.*(30000x30000|decompression bomb)"):
+        load_rgb(bomb)  # the default limit (64 Mpx), no override
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.slow
+def test_tiny_and_extreme_aspect_images_train_at_the_target_resolution(tmp_path: Path) -> None:
+    Image.new("RGB", (1, 1), (10, 200, 10)).save(tmp_path / "dot.png")
+    Image.new("RGB", (20000, 100), (200, 10, 10)).save(tmp_path / "strip.png")
+    for name in ("dot.png", "strip.png"):
+        assert preprocess(load_rgb(tmp_path / name), 64).shape == (3, 64, 64)
+    dm = StyleDataModule(str(tmp_path), resolution=64, batch_size=2, cache_latents=False)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+
+
+@pytest.mark.slow
+def test_animated_png_uses_its_first_frame(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (16, 16), (i * 100, 0, 0)) for i in range(3)]
+    path = tmp_path / "anim.png"
+    frames[0].save(path, format="PNG", save_all=True, append_images=frames[1:])
+    assert Image.open(path).n_frames == 3  # a real APNG
+    assert load_rgb(path).getpixel((8, 8)) == (0, 0, 0)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from lightning_lora.lora.safetensors_io import add_metadata, save_file
 from tests.conftest import TINY_OVERRIDES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _header(path: Path) -> tuple[bytes, dict]:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 pytest_plugins = ["tests.support.broker_node"]
 
 SHARED_PORT = 5672
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def shared_node_identity() -> str | None:

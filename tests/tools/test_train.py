@@ -1,17 +1,25 @@
-"""The Hydra app `lightning-lora-train`: overrides, multirun, outputs."""
+"""The Hydra app ``lightning-lora-train`` (``lightning_lora.tools.train``): overrides, multirun,
+outputs, an Optuna search."""
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_lora.lora.export import read_metadata
+from lightning_lora.tools import sweep_report
 from tests.conftest import TINY_OVERRIDES
+from tests.support.trained_runs import run_summary
 
 pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
 
@@ -80,3 +88,75 @@ def test_bad_override_names_the_key(tmp_path: Path, ll_cache: Path) -> None:
     proc = _run(["model=tiny", "trainer=cpu", "lora.rnak=4"], ll_cache, tmp_path)
     assert proc.returncode != 0
     assert "lora.rnak" in proc.stderr
+
+
+@contextmanager
+def _restored_logging() -> Iterator[None]:
+    """Undo Hydra's job logging setup after an in-process Hydra app."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+
+
+def _run_hydra_app(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``lightning-lora-train <argv>`` in this process (saves a subprocess' start-up)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lightning_lora.tools.train import main
+
+    monkeypatch.setattr(sys, "argv", ["lightning-lora-train", *argv])
+    try:
+        with _restored_logging():
+            main()
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_optuna_search_runs_two_tiny_trials(
+    tmp_path: Path, tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sweep_dir = tmp_path / "optuna"
+    _run_hydra_app(
+        [
+            "-m",
+            "hparams_search=sd15_optuna",
+            "experiment=tiny",
+            "hydra.sweeper.n_trials=2",
+            "trainer.max_epochs=1",
+            "validation.prompts=[]",
+            "trainer.enable_progress_bar=false",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        monkeypatch,
+    )
+    runs = sweep_report.find_run_dirs(sweep_dir)
+    assert len(runs) == 2
+    losses = []
+    for run in runs:
+        overrides = dict(
+            o.split("=", 1)
+            for o in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text("utf-8"))
+        )
+        assert int(overrides["lora.rank"]) in (4, 8, 16, 32)
+        assert int(overrides["lora.alpha"]) in (4, 8, 16, 32)
+        assert 1e-5 <= float(overrides["module.optimizer.lr"]) <= 1e-3
+        assert overrides["trainer.max_epochs"] == "1"  # pinned on the command line
+        summary = run_summary(run)
+        assert summary["metadata"]["network_dim"] == int(overrides["lora.rank"])
+        losses.append(summary["metrics"]["val/loss"])
+    # the Hydra app returned val/loss to the sweeper, which minimised it
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text("utf-8"))
+    assert results["best_value"] == pytest.approx(min(losses))
+    with open(sweep_dir / "sweep_report.csv", encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == 2

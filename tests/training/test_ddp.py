@@ -23,7 +23,7 @@ from tests.conftest import TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def lora_sha256(pl_module: L.LightningModule) -> str:
@@ -84,7 +84,7 @@ def test_ddp_two_cpu_processes_agree_and_only_rank_zero_writes(
         "validation.prompts=[a cat]",
         "validation.num_inference_steps=2",
         f"hydra.run.dir={run_dir}",
-        "+callbacks.lora_hash._target_=tests.test_ddp.LoraHashCallback",
+        "+callbacks.lora_hash._target_=tests.training.test_ddp.LoraHashCallback",
         f"+callbacks.lora_hash.out_dir={hashes}",
     ]
     env = {

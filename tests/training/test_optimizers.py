@@ -1,4 +1,5 @@
-"""The module/optimizer group: each choice trains the tiny model; schedule-free's weight modes."""
+"""The module/optimizer group: each choice instantiates and trains the tiny model; schedule-free's
+weight modes."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
+from lightning_lora.config import compose_config
 from lightning_lora.lora.text_encoder import build_lora_configs
 from lightning_lora.training.run import train
 from tests.conftest import TINY_OVERRIDES, composed
 
 CHOICES = ("adamw", "adamw_fused", "prodigy", "schedule_free", "adafactor")
+
 PACKAGES = {"prodigy": "prodigyopt", "schedule_free": "schedulefree"}
 
 
@@ -125,3 +128,10 @@ def test_schedule_free_resume_from_the_epoch_checkpoint_is_exact(make_cfg, tmp_p
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("choice", ["adamw_fused", "adamw_8bit", "schedule_free", "adafactor"])
+def test_every_optimizer_choice_instantiates_as_a_partial(choice: str) -> None:
+    cfg = compose_config([f"module/optimizer={choice}"])
+    factory = instantiate(cfg.module.optimizer)
+    assert callable(factory) and cfg.module.optimizer.lr > 0

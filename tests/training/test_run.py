@@ -1,4 +1,5 @@
-"""Training on the tiny model: learning, exact resume, precision, stability, reuse."""
+"""Training on the tiny model (``lightning_lora.training.run.train``): learning, exact resume,
+precision, stability, reuse, reproducibility."""
 
 from __future__ import annotations
 
@@ -174,3 +175,21 @@ def test_loggers_get_the_full_config_and_a_missing_objective_raises(make_cfg) ->
     assert result.objective("val/loss") == result.metrics["val/loss"]
     with pytest.raises(KeyError, match="not logged"):
         result.objective("val/no_such_metric")
+
+
+def _train_losses(run_dir: Path) -> list[tuple[str, str]]:
+    with open(run_dir / "csv" / "metrics.csv", encoding="utf-8") as f:
+        return [(r["step"], r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_same_config_and_seed_give_the_same_loss_curve_and_lora(same_config_twice) -> None:
+    a, b = same_config_twice
+    curve = _train_losses(a.output_dir)
+    assert len(curve) == 4  # 8 images, batch 4, 2 epochs
+    assert curve == _train_losses(b.output_dir)  # exactly, as logged
+    for name in ("diffusers", "kohya"):
+        ta, tb = load_file(getattr(a.lora, name)), load_file(getattr(b.lora, name))
+        assert ta.keys() == tb.keys() and ta
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), key

@@ -10,26 +10,12 @@ import shutil
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from lightning_lora.worker.broker import (
-    BrokerSettings,
-    TopologyError,
-    declare_topology,
-    publish_job,
-)
+from lightning_lora.worker.broker import BrokerSettings, publish_job
 from lightning_lora.worker.consumer import Consumer, Delivery, Outcome, Settlement
-from tests.support.broker import HOST, JOB, channel, depth, get, running, wait_for
-
-
-@pytest.fixture
-def settings(broker_settings: BrokerSettings) -> BrokerSettings:
-    return broker_settings
-
-
-# --------------------------------------------------------------------------- tests
+from tests.support.broker import JOB, depth, get, running, wait_for
 
 
 def test_heartbeats_survive_a_long_handler(settings: BrokerSettings) -> None:
@@ -181,84 +167,3 @@ def test_reconnects_after_the_broker_closes_the_connection(settings: BrokerSetti
         assert wait_for(lambda: bool(received), 10)
     assert json.loads(received[0].body) == JOB
     assert depth(settings.queue) == 0
-
-
-def test_topology_mismatch_is_reported(settings: BrokerSettings) -> None:
-    settings = settings.replace(queue_type="quorum")  # the opt-in type, against a plain queue
-    with channel() as ch:
-        ch.queue_declare(settings.queue, durable=True)  # a classic queue without arguments
-    consumer = Consumer(settings, lambda d: Outcome.ACK)
-    with pytest.raises(TopologyError, match=settings.queue):
-        consumer.run()
-    with channel() as ch, pytest.raises(TopologyError, match="x-dead-letter"):
-        declare_topology(ch, settings)
-
-
-def test_settings_from_env_hide_the_password() -> None:
-    env = {
-        "RABBITMQ_URL": "amqp://alice:s3cr3t@mq.example:5673/prod",
-        "RABBITMQ_DELIVERY_LIMIT": "5",
-    }
-    settings = BrokerSettings.from_env(env)
-    assert (settings.host, settings.port, settings.user, settings.vhost) == (
-        "mq.example",
-        5673,
-        "alice",
-        "prod",
-    )
-    assert settings.delivery_limit == 5 and settings.dlq == "model_training.dlq"
-    assert "s3cr3t" not in repr(settings) and "s3cr3t" not in settings.describe()
-    plain = BrokerSettings.from_env({"RABBITMQ_HOST": "rabbit", "RABBITMQ_PASSWORD": "pw"})
-    assert plain.host == "rabbit" and plain.password.get_secret_value() == "pw"
-    assert "pw" not in repr(plain) and "pw" not in repr(plain.password)
-    with pytest.raises(ValueError, match="RABBITMQ_PORT"):
-        BrokerSettings.from_env({"RABBITMQ_PORT": "abc"})
-
-
-def test_enqueue_cli_validates_then_publishes(
-    settings: BrokerSettings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from lightning_lora.worker.enqueue import main
-
-    monkey_env = {"RABBITMQ_HOST": HOST, "RABBITMQ_QUEUE": settings.queue}
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in monkey_env.items():
-            mp.setenv(key, value)
-        bad = main(["--style-id", "7", "--image-url", "file:///etc/passwd", "--webhook-url", "x"])
-        assert bad == 2
-        assert "image_urls.0" in capsys.readouterr().err
-        job_file = tmp_path / "job.json"
-        job_file.write_text(json.dumps(JOB))
-        assert main(["--file", str(job_file), "--num-epochs", "3", "--style-token", "a b"]) == 0
-    message_id = capsys.readouterr().out.strip()
-    fetched = get(settings.queue)
-    assert fetched is not None
-    properties, body = fetched
-    assert properties.message_id == message_id
-    assert json.loads(body) == {**JOB, "num_epochs": 3, "style_token": "a b"}
-
-
-def test_broker_settings_are_checked_with_the_worker_settings_in_one_pass() -> None:
-    from lightning_lora.worker.settings import SettingsError, load_settings
-
-    env = {
-        "RABBITMQ_PORT": "70000",
-        "RABBITMQ_QUEUE_TYPE": "stream",
-        "RABBITMQ_PASSWORD": "hunter2-broker",
-    }
-    with pytest.raises(SettingsError) as caught:
-        load_settings({"webhook_allowlist": []}, env)
-    message = str(caught.value)
-    for name in ("INTERNAL_API_TOKEN", "WEBHOOK_ALLOWLIST", "RABBITMQ_PORT", "RABBITMQ_QUEUE_TYPE"):
-        assert name in message
-    assert "70000" not in message and "stream'" not in message and "hunter2" not in message
-
-    env = {"INTERNAL_API_TOKEN": "tok", "RABBITMQ_URL": "amqp://bob:hunter2-url@mq:5679/v"}
-    settings = load_settings({"webhook_allowlist": ["backend"]}, env)
-    assert (settings.broker.host, settings.broker.port, settings.broker.user) == ("mq", 5679, "bob")
-    assert "hunter2-url" in settings.secrets()  # the password, registered for redaction
-    shown = repr(settings) + str(settings.public())
-    assert "hunter2" not in shown and "amqp://bob@mq:5679/v" in shown
-    assert settings.broker.replace(delivery_limit=7).delivery_limit == 7
-    with pytest.raises(ValueError):
-        settings.broker.replace(delivery_limit=0)  # copies are validated too

@@ -17,7 +17,7 @@ import pytest
 
 from lightning_lora.worker.jobdirs import OWNER_FILE, make_job_dir, remove_stale_job_dirs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 OWNER_SCRIPT = """
 import sys, time

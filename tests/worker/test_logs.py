@@ -14,7 +14,7 @@ import pytest
 
 from lightning_lora.worker.logs import configure_logging, escape_control
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HF_TOKEN = "hf_SeCrEtHuGgInGfAcEtOkEn42"
 # a secret holding a control character: escaping it before redaction would let it through
 TAB_TOKEN = "internal\ttoken-value-9"

@@ -1,6 +1,12 @@
-"""The worker's settings: one table of environment variables, one bucket rule, checked at start."""
+"""The worker's settings: one table of environment variables, one bucket rule, checked at start.
+
+Every problem is named (the setting, never its value), the broker's settings with the worker's
+in one pass.
+"""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -10,6 +16,7 @@ from lightning_lora.worker import cli
 from lightning_lora.worker.settings import LIST_ENV, WORKER_ENV, SettingsError, load_settings
 
 REQUIRED = {"INTERNAL_API_TOKEN": "tok-settings", "WEBHOOK_ALLOWLIST": "backend:8000"}
+
 BUCKETS = {
     "stylelicense-models": True,
     "my.bucket.v2": True,
@@ -85,3 +92,48 @@ def test_the_endpoint_falls_back_to_aws_endpoint_url_in_both_readers() -> None:
 def test_a_bad_endpoint_is_named() -> None:
     with pytest.raises(SettingsError, match="S3_ENDPOINT_URL"):
         load_settings({}, env={**REQUIRED, "S3_ENDPOINT_URL": "minio:9000"})
+
+
+@pytest.mark.slow
+def test_settings_are_checked_and_named() -> None:
+    ok = load_settings({}, {"INTERNAL_API_TOKEN": "tok-abc\n", "WEBHOOK_ALLOWLIST": "backend:8000"})
+    assert ok.internal_api_token.get_secret_value() == "tok-abc"  # a secret file's newline
+    assert "tok-abc" not in repr(ok) and "tok-abc" not in json.dumps(ok.public(), default=str)
+    cases = {
+        "INTERNAL_API_TOKEN": {"INTERNAL_API_TOKEN": "tok\nX-Evil: 1", "WEBHOOK_ALLOWLIST": "b"},
+        "WEBHOOK_ALLOWLIST": {"INTERNAL_API_TOKEN": "t"},
+        "S3_BUCKET": {"INTERNAL_API_TOKEN": "t", "WEBHOOK_ALLOWLIST": "b", "S3_BUCKET": "My_B"},
+        "worker.max_total_bytes": {"INTERNAL_API_TOKEN": "t", "WEBHOOK_ALLOWLIST": "b"},
+    }
+    for name, env in cases.items():
+        section = (
+            {"limits": {"max_total_bytes": 10, "max_image_bytes": 20}} if "total" in name else {}
+        )
+        with pytest.raises(SettingsError, match=name):
+            load_settings(section, env)
+
+
+def test_broker_settings_are_checked_with_the_worker_settings_in_one_pass() -> None:
+    from lightning_lora.worker.settings import SettingsError, load_settings
+
+    env = {
+        "RABBITMQ_PORT": "70000",
+        "RABBITMQ_QUEUE_TYPE": "stream",
+        "RABBITMQ_PASSWORD": "hunter2-broker",
+    }
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"webhook_allowlist": []}, env)
+    message = str(caught.value)
+    for name in ("INTERNAL_API_TOKEN", "WEBHOOK_ALLOWLIST", "RABBITMQ_PORT", "RABBITMQ_QUEUE_TYPE"):
+        assert name in message
+    assert "70000" not in message and "stream'" not in message and "hunter2" not in message
+
+    env = {"INTERNAL_API_TOKEN": "tok", "RABBITMQ_URL": "amqp://bob:hunter2-url@mq:5679/v"}
+    settings = load_settings({"webhook_allowlist": ["backend"]}, env)
+    assert (settings.broker.host, settings.broker.port, settings.broker.user) == ("mq", 5679, "bob")
+    assert "hunter2-url" in settings.secrets()  # the password, registered for redaction
+    shown = repr(settings) + str(settings.public())
+    assert "hunter2" not in shown and "amqp://bob@mq:5679/v" in shown
+    assert settings.broker.replace(delivery_limit=7).delivery_limit == 7
+    with pytest.raises(ValueError):
+        settings.broker.replace(delivery_limit=0)  # copies are validated too
