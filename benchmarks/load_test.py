@@ -9,7 +9,8 @@ It starts moto's S3 server and a webhook receiver in this process, ``--workers``
 1 epoch, 2 images each), waits for every terminal webhook, stops the workers with SIGTERM and
 checks that each job completed exactly once, nothing failed and both queues are empty. It prints
 jobs/min and the p50/p95 latency from publishing a message to receiving its completion webhook.
-Exit status 0 when all checks pass. ``tests/test_load.py`` runs a small version in CI.
+Exit status 0 when all checks pass. ``tests/benchmarks/test_load_test.py`` runs a small version
+in CI.
 """
 
 from __future__ import annotations

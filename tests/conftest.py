@@ -12,7 +12,12 @@ import pytest
 import torch
 from omegaconf import DictConfig, open_dict
 
-pytest_plugins = ["tests.support.fixtures", "tests.support.broker"]
+pytest_plugins = [
+    "tests.support.fixtures",
+    "tests.support.broker",
+    "tests.support.production_run",
+    "tests.support.trained_runs",
+]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

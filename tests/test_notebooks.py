@@ -8,8 +8,6 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.test_research import tiny_multirun  # noqa: F401 (fixture; the sweep runs once)
-
 pytestmark = pytest.mark.slow  # trains or runs workers: make test, not make test-fast
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"

@@ -285,7 +285,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         diffusers' ``add_noise``, ``get_velocity`` and ``compute_snr`` move, convert and raise
         ``alphas_cumprod`` to powers on every call (several small kernels per step). These tables
         are built once per device, dtype and autocast state with exactly the same operations, so
-        indexing them gives bit-identical results (see ``tests/test_bench.py``).
+        indexing them gives bit-identical results (see ``tests/training/test_module.py``).
 
         Args:
             device: Device of the samples.

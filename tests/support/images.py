@@ -1,10 +1,17 @@
-"""Large test images written without holding their pixels in memory."""
+"""Test images: large PNGs written without holding their pixels in memory, small images of a
+given format, the demo's scenes."""
 
 from __future__ import annotations
 
+import io
+import random
 import struct
 import zlib
 from pathlib import Path
+
+from PIL import Image
+
+from lightning_lora.demo.shapes import Scene, random_scene
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -39,3 +46,16 @@ def write_solid_png(
         out.write(_chunk(b"IDAT", b"".join(parts)))
         out.write(_chunk(b"IEND", b""))
     return path
+
+
+def image_bytes(fmt: str, color: tuple[int, int, int] = (200, 30, 30), size=(16, 12)) -> bytes:
+    """A small real image in Pillow format ``fmt`` (``"JPEG"``, ``"PNG"``, ``"WEBP"``, ...)."""
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def demo_scenes(count: int, seed: int = 3) -> list[Scene]:
+    """``count`` random scenes of the demo's shapes world, from ``seed``."""
+    rng = random.Random(seed)
+    return [random_scene(rng) for _ in range(count)]
