@@ -72,12 +72,12 @@ def checkpoint_prefix(style_id: int, run_id: str | None = None) -> str:
 
 def lease_key(style_id: int, run_id: str) -> str:
     """The run's lease object."""
-    return checkpoint_prefix(style_id, run_id) + "lease.json"
+    return checkpoint_prefix(style_id, check_run_id(run_id)) + "lease.json"
 
 
 def outcome_key(style_id: int, run_id: str) -> str:
     """The run's terminal outcome, created once."""
-    return checkpoint_prefix(style_id, run_id) + "outcome.json"
+    return checkpoint_prefix(style_id, check_run_id(run_id)) + "outcome.json"
 
 
 def job_pointer_key(style_id: int, job_key: str) -> str:

@@ -31,6 +31,7 @@ from lightning_lora.training.ema import LoraEMA
 from lightning_lora.training.eval_weights import EvalWeightsMixin
 from lightning_lora.training.losses import elementwise_loss, timestep_weights
 from lightning_lora.training.models import SDComponents
+from lightning_lora.training.noise import NoiseTables
 from lightning_lora.training.rng import restore_rng_state_tensors, rng_state_tensors
 from lightning_lora.training.timesteps import check_sampling, sample_timesteps
 
@@ -166,10 +167,8 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         self._nonfinite = torch.zeros((), dtype=torch.int64)
         self._empty_embed: torch.Tensor | None = None
         self._val_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        #: (device, dtype, autocast state) -> device-side noise tables (see noise_tables()).
-        self._noise_tables: dict[
-            tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-        ] = {}
+        #: forward diffusion, v-targets and SNR from device-side tables (bit-identical to diffusers)
+        self.noise = NoiseTables(self.noise_scheduler)
         self._compile_cache: CompileCache | None = None
         self._compile_saved = False
         if compile_cache_dir and compile_mode not in (None, "none"):
@@ -235,12 +234,12 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
             estimation when they are on).
         """
         sched = self.noise_scheduler
-        noisy = self.add_noise(latents, noise, timesteps)
+        noisy = self.noise.add_noise(latents, noise, timesteps)
         prediction_type = sched.config["prediction_type"]
         if prediction_type == "epsilon":
             target = noise
         elif prediction_type == "v_prediction":
-            target = self.velocity(latents, noise, timesteps)
+            target = self.noise.velocity(latents, noise, timesteps)
         else:
             raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
         mode = self.hparams.compile_mode
@@ -268,77 +267,13 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         loss = elementwise_loss(pred, target, hp.loss, hp.huber_c)  # losses.py
         loss = weight_loss(loss, weights).mean(dim=(1, 2, 3))  # masked loss (masks.py)
         if hp.snr_gamma or hp.debiased_estimation:
-            snr = self.snr(timesteps)
+            snr = self.noise.snr(timesteps)
             snr_weights = timestep_weights(
                 snr, prediction_type, hp.snr_gamma, hp.debiased_estimation
             )
             assert snr_weights is not None  # a weighting is on
             loss = loss * snr_weights
         return loss
-
-    # ----------------------------------------------------------------------------- noise tables
-    def noise_tables(
-        self, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-timestep ``sqrt(alpha_bar)``, ``sqrt(1 - alpha_bar)`` and SNR tables on ``device``.
-
-        diffusers' ``add_noise``, ``get_velocity`` and ``compute_snr`` move, convert and raise
-        ``alphas_cumprod`` to powers on every call (several small kernels per step). These tables
-        are built once per device, dtype and autocast state with exactly the same operations, so
-        indexing them gives bit-identical results (see ``tests/training/test_module.py``).
-
-        Args:
-            device: Device of the samples.
-            dtype: Dtype of the samples.
-
-        Returns:
-            ``(sqrt_alpha_prod, sqrt_one_minus_alpha_prod, snr)``, each indexed by timestep.
-        """
-        device = torch.device(device)
-        autocast = torch.is_autocast_enabled(device.type)
-        key = (
-            device,
-            dtype,
-            autocast,
-            torch.get_autocast_dtype(device.type) if autocast else None,
-        )
-        tables = self._noise_tables.get(key)
-        if tables is None:
-            alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device=device)
-            cast = alphas_cumprod.to(dtype=dtype)
-            sqrt_alpha_prod = cast**0.5
-            sqrt_one_minus_alpha_prod = (1 - cast) ** 0.5
-            snr = (alphas_cumprod**0.5 / (1.0 - alphas_cumprod) ** 0.5) ** 2
-            tables = (sqrt_alpha_prod, sqrt_one_minus_alpha_prod, snr)
-            self._noise_tables[key] = tables
-        return tables
-
-    def _coefficients(
-        self, latents: torch.Tensor, timesteps: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``sqrt(alpha_bar_t)`` and ``sqrt(1 - alpha_bar_t)`` shaped to broadcast over latents."""
-        sqrt_alpha, sqrt_one_minus, _ = self.noise_tables(latents.device, latents.dtype)
-        timesteps = timesteps.to(latents.device)
-        shape = (-1,) + (1,) * (latents.ndim - 1)
-        return sqrt_alpha[timesteps].view(shape), sqrt_one_minus[timesteps].view(shape)
-
-    def add_noise(
-        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-    ) -> torch.Tensor:
-        """``noise_scheduler.add_noise`` (forward diffusion) from the device-side tables."""
-        sqrt_alpha, sqrt_one_minus = self._coefficients(latents, timesteps)
-        return sqrt_alpha * latents + sqrt_one_minus * noise
-
-    def velocity(
-        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-    ) -> torch.Tensor:
-        """``noise_scheduler.get_velocity`` (the v-prediction target) from the tables."""
-        sqrt_alpha, sqrt_one_minus = self._coefficients(latents, timesteps)
-        return sqrt_alpha * noise - sqrt_one_minus * latents
-
-    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """``diffusers.training_utils.compute_snr`` (float32) from the tables."""
-        return self.noise_tables(timesteps.device, torch.float32)[2][timesteps]
 
     def batch_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent distribution parameters and text context of a cached or uncached batch."""
@@ -506,7 +441,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         with self.trainer.precision_plugin.forward_context():
             # noise tables on the device, built in the training step's autocast state
             for dtype in {torch.float32, self.vae.dtype}:
-                self.noise_tables(self.device, dtype)
+                self.noise.tables(self.device, dtype)
 
     def prepare_validation_inputs(self) -> None:
         """Encode the datamodule's fixed validation examples once, on the training device."""

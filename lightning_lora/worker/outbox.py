@@ -150,7 +150,8 @@ class Outbox:
     Args:
         ledger: The ledger (the outbox's entries and the outcomes they deliver).
         client_factory: Makes the HTTP client for a webhook URL.
-        allowlist: The webhook allowlist (entries whose URL left it are dropped).
+        allowlist: The webhook allowlist (an entry whose URL left it is not sent; it stays until
+            its window ends).
         window_s: How long an event is re-sent before its job is dead-lettered.
         poll_s: Seconds between two scans of the outbox.
         backoff_base_s: First re-send delay (see :func:`outbox_delay`).

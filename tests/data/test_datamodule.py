@@ -304,7 +304,7 @@ def test_setup_memory_grows_with_resolution_not_upload_size(tmp_path: Path) -> N
     # next). But Linux carries the parent's RSS high-water mark across exec into the child's
     # ``ru_maxrss`` (subprocess uses vfork: the pytest process's lifetime peak), so the figure was
     # max(pytest's peak, the child's) minus the child's baseline, i.e. whatever the tests before
-    # this one had used: 166 MiB after one training test, 342 after tests/test_callbacks.py, 1028
+    # this one had used: 166 MiB after one training test, 342 after the callbacks tests, 1028
     # after a 1200 MiB allocation freed at session start. The count below depends on neither.
     side, resolution = 6000, 512
     folder = tmp_path / "big"

@@ -89,3 +89,38 @@ def test_the_base_row_switches_off_the_unet_and_text_encoder_loras(make_cfg) -> 
     with torch.no_grad():
         reference = clean.unet(latents, 500, clean.text_encoder(ids)[0]).sample
     torch.testing.assert_close(base, reference)
+
+
+@pytest.mark.slow  # trains twice
+def test_the_loss_curve_of_a_resumed_run_starts_at_step_one(
+    make_cfg, demo_images: Path, tmp_path: Path
+) -> None:
+    """The per-step losses travel in the checkpoint (the callback's ``state_dict``)."""
+    from lightning_lora.demo.style_report import StyleReportCallback
+    from lightning_lora.training.run import train
+
+    def report(name: str) -> StyleReportCallback:
+        return StyleReportCallback(
+            samples_dir=str(tmp_path / name),
+            style_dir=str(demo_images),
+            prompts=["a cat"],
+            num_inference_steps=2,
+        )
+
+    first_report = report("first")
+    first = train(
+        make_cfg("trainer.max_epochs=1", output_dir=tmp_path / "first"), callbacks=[first_report]
+    )
+    steps_first = len(first_report._losses)
+    assert steps_first == first.metrics["steps"] > 0
+    resumed_report = report("resumed")
+    resumed = train(
+        make_cfg("trainer.max_epochs=2", output_dir=tmp_path / "resumed"),
+        callbacks=[resumed_report],
+        ckpt_path=first.last_checkpoint,
+    )
+    assert len(resumed_report._losses) == resumed.metrics["steps"] == 2 * steps_first
+    before = torch.stack(first_report._losses)
+    assert torch.equal(torch.stack(resumed_report._losses[:steps_first]), before)
+    checkpoint = torch.load(first.last_checkpoint, map_location="cpu", weights_only=True)
+    assert any("StyleReportCallback" in key for key in checkpoint["callbacks"])

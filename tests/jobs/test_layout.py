@@ -95,9 +95,9 @@ def test_run_ids_of_generations() -> None:
 def test_invalid_run_ids_are_refused_by_every_key(run_id: object) -> None:
     with pytest.raises(ValueError, match="run id"):
         check_run_id(run_id)  # type: ignore[arg-type]
-    keys = [outbox_key, job_pointer_key]
-    if run_id is not None:  # checkpoint_prefix(7, None) is the style's folder (and so the
-        keys += [checkpoint_prefix, lease_key, outcome_key]  # run keys built on it)
+    keys = [outbox_key, job_pointer_key, lease_key, outcome_key]
+    if run_id is not None:  # checkpoint_prefix(7, None) is the style's folder
+        keys.append(checkpoint_prefix)
     for key in keys:
         with pytest.raises(ValueError, match="run id"):
             key(7, run_id)  # type: ignore[operator]

@@ -68,7 +68,7 @@ def test_module_uses_the_configured_loss_and_weighting(tiny_module_factory) -> N
     latents, context, noise, timesteps = _inputs()
     base = tiny_module_factory()
     with torch.no_grad():
-        pred = base.unet(base.add_noise(latents, noise, timesteps), timesteps, context).sample
+        pred = base.unet(base.noise.add_noise(latents, noise, timesteps), timesteps, context).sample
         l2 = base.diffusion_loss(latents, context, noise, timesteps)
         torch.testing.assert_close(l2, ((pred - noise) ** 2).mean(dim=(1, 2, 3)))
         huber = tiny_module_factory("module.loss=huber", "module.huber_c=0.2")

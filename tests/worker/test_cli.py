@@ -32,6 +32,7 @@ from lightning_lora.clients.contract import COMPLETE_PATH, PROGRESS_PATH
 from lightning_lora.lora.text_encoder import build_lora_configs
 from lightning_lora.worker.broker import BrokerSettings, publish_job
 from lightning_lora.worker.cli import compose_worker_config
+from lightning_lora.worker.owners import pid_namespace
 from lightning_lora.worker.records import Holder
 from tests.support.broker import depth, wait_for
 from tests.support.net import closed_port
@@ -154,11 +155,9 @@ def test_a_worker_process_cleans_litter_serves_metrics_and_escapes_its_logs(
     dead.wait()
     stale = work / "ll-job-old-abc123"
     (stale / "images").mkdir(parents=True)
-    (stale / ".owner.json").write_text(
-        json.dumps(
-            {"pid": dead.pid, "create_time": time.time() - 100, "host": socket.gethostname()}
-        )
-    )
+    owner = {"pid": dead.pid, "create_time": time.time() - 100, "host": socket.gethostname()}
+    owner["pid_ns"] = pid_namespace()  # what a worker writes: its pid namespace too
+    (stale / ".owner.json").write_text(json.dumps(owner))
     (stale / "images" / "big.bin").write_bytes(b"x" * 1_000_000)
     port = closed_port()
     log_path = tmp_path / "worker.log"

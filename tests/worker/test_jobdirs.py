@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -155,3 +156,18 @@ def test_default_parent_is_the_temp_dir_and_names_are_sanitised(
     assert job_dir.name.startswith("ll-job-.._evil_name_x-")
     assert remove_stale_job_dirs(None) == [] and job_dir.is_dir()
     assert remove_stale_job_dirs(tmp_path / "missing") == []
+
+
+def test_an_older_workers_owner_file_without_a_pid_namespace(tmp_path: Path) -> None:
+    """Owner files of workers before the pid-namespace field: on this host they count as no
+    owner file (removed once unmodified for the age limit), on another host they are kept."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here, there = tmp_path / "ll-job-here-abc", tmp_path / "ll-job-there-abc"
+    for folder, host in ((here, socket.gethostname()), (there, "another-host")):
+        folder.mkdir()
+        record = {"pid": dead.pid, "create_time": time.time() - 100, "host": host}
+        (folder / OWNER_FILE).write_text(json.dumps(record))
+    assert remove_stale_job_dirs(tmp_path) == []  # fresh: its pid alone proves nothing
+    assert remove_stale_job_dirs(tmp_path, unowned_max_age_s=-1) == [here]
+    assert there.is_dir()
