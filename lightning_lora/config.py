@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-__all__ = ["CONFIG_DIR", "compose_config", "plain_dict"]
+__all__ = ["CONFIG_DIR", "compose_config", "partial_at", "plain_dict"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """The package's Hydra config folder (``train.yaml``, ``worker.yaml`` and the groups)."""
@@ -62,3 +62,19 @@ def plain_dict(node: DictConfig, resolve: bool = False) -> dict[str, Any]:
     container = OmegaConf.to_container(node, resolve=resolve)
     assert isinstance(container, dict), f"not a config mapping: {type(node).__name__}"
     return cast(dict[str, Any], container)
+
+
+def partial_at(cfg: DictConfig | None, key: str, default: Any) -> Any:
+    """The ``_partial_`` target at ``key`` of ``cfg``, instantiated, or ``default`` without one.
+
+    The ``reporting`` group's entries are such targets (the job supplies the rest at run time).
+
+    Args:
+        cfg: The composed config, or ``None``.
+        key: Dotted key, e.g. ``reporting.client``.
+        default: What to return when ``cfg`` is ``None`` or has no node at ``key``.
+    """
+    from hydra.utils import instantiate
+
+    node = None if cfg is None else OmegaConf.select(cfg, key, default=None)
+    return default if node is None else instantiate(node)

@@ -64,7 +64,7 @@ class WebhookSender:
     thread-safe.
 
     Args:
-        client: The client that makes the calls.
+        client: The client that makes the calls; the sender owns it (:meth:`close` closes it).
         name: Name of the background thread.
     """
 
@@ -182,7 +182,7 @@ class WebhookSender:
         return self._worker.flush(timeout_s)
 
     def close(self, timeout_s: float | None = 30.0) -> bool:
-        """Flush, then stop the thread; later posts are rejected.
+        """Flush, then stop the thread and close the client; later posts are rejected.
 
         Args:
             timeout_s: Most seconds to wait for the flush and the thread.
@@ -199,7 +199,9 @@ class WebhookSender:
                 max(unsent, self._worker.waiting()),
             )
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self._worker.join(remaining) and flushed
+        stopped = self._worker.join(remaining)
+        self.client.close()  # the sender owns its client: its HTTP connections go with it
+        return stopped and flushed
 
     # ----------------------------------------------------------------- thread
 

@@ -14,8 +14,8 @@ Where a terminal report goes is the report's :class:`TerminalSink`:
 * the worker's durable sink (:class:`lightning_lora.worker.outbox.DurableSink`): the outcome
   is created once in S3 across all workers, kept in an outbox until the backend answers 2xx.
 
-A report owns its sender (and the sender's client, when it made them) and its sink: close it
-(:meth:`JobReport.close`, or ``with``) when the job is settled.
+A report owns its sender (and the sender's client) and its sink: close it (:meth:`JobReport.close`,
+or ``with``) when the job is settled.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, Self
 
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lightning_lora.clients.contract import check_style_id, complete_payload, failed_payload
 from lightning_lora.clients.redaction import redact
 from lightning_lora.clients.webhook_client import WebhookClient
 from lightning_lora.clients.webhook_sender import WebhookSender
+from lightning_lora.config import partial_at
 from lightning_lora.errors import disposition_of, project_error
 
 __all__ = ["JobReport", "SenderSink", "TerminalSink", "error_message_of", "webhook_client"]
@@ -63,8 +63,7 @@ def webhook_client(
     Returns:
         A new client; its owner closes it.
     """
-    node = None if cfg is None else OmegaConf.select(cfg, "reporting.client", default=None)
-    factory = WebhookClient if node is None else instantiate(node)
+    factory = partial_at(cfg, "reporting.client", WebhookClient)
     return factory(webhook_url, token=token, signing_secret=signing_secret)
 
 
@@ -127,9 +126,9 @@ class JobReport:
     """A job's progress and its one terminal report.
 
     Args:
-        sender: Sends progress reports (latest only, from a background thread). A
-            :class:`WebhookClient` is wrapped in a sender that the report owns (and closes,
-            with the client).
+        sender: Sends progress reports (latest only, from a background thread); a
+            :class:`WebhookClient` is wrapped in a sender. The report owns the sender (and so
+            its client) and closes it in :meth:`close`.
         style_id: The style being trained.
         terminal: Where the terminal report goes; :class:`SenderSink` over ``sender`` if ``None``.
         rewrite: Applied to a failure's message before it is sent, e.g. to name the S3 URL the
@@ -147,7 +146,6 @@ class JobReport:
         rewrite: Callable[[str], str] | None = None,
     ) -> None:
         self.style_id = check_style_id(style_id)
-        self._owned_client = sender if isinstance(sender, WebhookClient) else None
         self.sender = sender if isinstance(sender, WebhookSender) else WebhookSender(sender)
         self.sink: TerminalSink = terminal if terminal is not None else SenderSink(self.sender)
         self.rewrite = rewrite
@@ -166,10 +164,8 @@ class JobReport:
         Returns:
             Whether everything queued was sent (or given up) in time.
         """
-        done = self.sender.close(timeout_s)
+        done = self.sender.close(timeout_s)  # and its client
         self.sink.close()
-        if self._owned_client is not None:
-            self._owned_client.close()
         return done
 
     def progress(

@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_lora.callbacks.progress import ProgressCallback
 from lightning_lora.callbacks.s3_checkpoint import S3CheckpointCallback, find_resume_checkpoint
 from lightning_lora.clients.storage import S3Storage
+from lightning_lora.config import partial_at
 from lightning_lora.errors import UploadError
 from lightning_lora.jobs.layout import checkpoint_prefix, kohya_key, model_key
 from lightning_lora.jobs.report import JobReport
@@ -60,12 +60,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def _partial(cfg: DictConfig | None, name: str, default: Any) -> Any:
-    """The partial target ``cfg.reporting.<name>``, or ``default`` without a config."""
-    node = None if cfg is None else OmegaConf.select(cfg, f"reporting.{name}", default=None)
-    return default if node is None else instantiate(node)
 
 
 def upload_final_lora(
@@ -285,12 +279,14 @@ def run_reported_training(
     """
     style_id = report.style_id
     prefix = checkpoint_prefix(style_id, run_id)
-    progress = _partial(cfg, "webhook", ProgressCallback)(report)
+    progress = partial_at(cfg, "reporting.webhook", ProgressCallback)(report)
     resume_file: Path | None = None
     try:
         own: list[L.Callback] = [progress]
         if not any(isinstance(c, S3CheckpointCallback) for c in callbacks):
-            own.append(_partial(cfg, "s3_checkpoint", S3CheckpointCallback)(storage, prefix))
+            own.append(
+                partial_at(cfg, "reporting.s3_checkpoint", S3CheckpointCallback)(storage, prefix)
+            )
         if resume and _finished_lora(Path(cfg.paths.output_dir)) is None:
             folder = (
                 Path(work_dir) if work_dir is not None else Path(cfg.paths.output_dir) / "resume"

@@ -157,9 +157,8 @@ def test_close_stops_the_sender_thread_and_closes_the_client_it_owns(
     assert _sent(webhook_receiver) == [PROGRESS_PATH, COMPLETE_PATH]
 
 
-def test_close_leaves_a_client_the_report_does_not_own(
-    webhook_receiver: WebhookReceiver,
-) -> None:
+def test_close_closes_a_given_senders_client_too(webhook_receiver: WebhookReceiver) -> None:
+    """A sender owns its client: a job's report leaves no pooled connection behind."""
     before = _senders()
     client = fast_client(webhook_receiver)
     sender = WebhookSender(client)
@@ -167,10 +166,10 @@ def test_close_leaves_a_client_the_report_does_not_own(
     with JobReport(sender, STYLE_ID) as report:
         assert report.sender is sender
         assert report.fail(RuntimeError("boom")) is True
-    assert not sender.is_alive  # the report's sender is stopped...
-    assert _pools(client) == 1  # ...but the caller's client is the caller's to close
-    client.close()
-    assert _pools(client) == 0
+        assert sender.flush(10)
+        assert _pools(client) == 1  # the connection to the backend while the job runs
+    assert not sender.is_alive
+    assert _pools(client) == 0  # closed with the report
     assert wait_for(lambda: not _senders() - before, 10)
 
 
