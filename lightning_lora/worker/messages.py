@@ -21,6 +21,7 @@ failure webhook can still be sent; the caller must still check the URL with
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Annotated, Any
 from urllib.parse import SplitResult, urlsplit
@@ -280,6 +281,51 @@ def _load_json(body: bytes) -> Any:
     return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
 
 
+class _Duplicates(dict[str, Any]):
+    """A JSON object that remembers which of its keys were given twice (the last value wins)."""
+
+    duplicates: list[str]
+
+
+def _lenient_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = _Duplicates()
+    result.duplicates = []
+    for key, value in pairs:
+        if key in result:
+            result.duplicates.append(key)
+        result[key] = value
+    return result
+
+
+def _load_python_json(body: bytes) -> Any:
+    """Decode the JSON dialect Python's ``json.dumps`` writes: ``NaN``/``Infinity``, repeated keys.
+
+    Only for naming what is wrong with a refused message and for recovering its identity; a
+    job is never built from it.
+    """
+    return json.loads(body.decode("utf-8"), object_pairs_hook=_lenient_pairs)
+
+
+def _near_json_problems(value: Any, path: str = "") -> list[str]:
+    """Where a leniently parsed body holds what strict JSON has not, as ``field ...`` lines."""
+    problems: list[str] = []
+    if isinstance(value, float) and not math.isfinite(value):
+        problems.append(f"field '{path or '<message>'}': not a finite number ({value!r})")
+    elif isinstance(value, dict):
+        for key in getattr(value, "duplicates", []):
+            problems.append(f"field '{_join(path, key)}': given more than once")
+        for key, item in value.items():
+            problems.extend(_near_json_problems(item, _join(path, key)))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            problems.extend(_near_json_problems(item, _join(path, str(index))))
+    return problems
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key[:64]}" if path else key[:64]
+
+
 def _field_name(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "<message>"
 
@@ -333,7 +379,9 @@ def parse_job(
         raise InvalidMessageError(f"invalid message: body is not UTF-8 ({exc.reason})") from None
     except (ValueError, RecursionError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise InvalidMessageError(f"invalid message: body is not valid JSON ({reason})") from None
+        raise InvalidMessageError(
+            f"invalid message: body is not valid JSON ({_strict_json_problem(body, reason)})"
+        ) from None
     if not isinstance(data, dict):
         raise InvalidMessageError(
             f"invalid message: body must be a JSON object, not a JSON {_json_kind(data)}"
@@ -342,6 +390,19 @@ def parse_job(
         return TrainingJob.model_validate(data, context={"max_images": max_images})
     except ValidationError as exc:
         raise _invalid_from_validation(exc) from None
+
+
+def _strict_json_problem(body: bytes, reason: str) -> str:
+    """Why strict JSON refused ``body``: the fields Python's dialect allowed, else ``reason``."""
+    try:
+        problems = _near_json_problems(_load_python_json(body))
+    except (ValueError, RecursionError):
+        return reason
+    if not problems:
+        return reason
+    shown = problems[:MAX_REPORTED_ERRORS]
+    more = len(problems) - len(shown)
+    return "; ".join(shown) + (f"; ... and {more} more" if more > 0 else "")
 
 
 def _json_kind(value: Any) -> str:
@@ -359,7 +420,9 @@ def _json_kind(value: Any) -> str:
 def peek_identity(body: bytes) -> tuple[int | None, str | None]:
     """Best-effort extraction of ``style_id`` and ``webhook_url`` from a (broken) message.
 
-    Used to report an ``INVALID_MESSAGE`` failure to the backend. Each value is returned only
+    Used to report an ``INVALID_MESSAGE`` failure to the backend. The body is read in Python's
+    JSON dialect (``NaN``, ``Infinity``, repeated keys: the last wins), which the backend's
+    ``json.dumps`` writes for a float that is not finite. Each value is returned only
     if it is individually valid (a positive int, an http/https URL); the caller must still
     check the URL with :func:`webhook_allowed`. Never raises.
 
@@ -371,8 +434,8 @@ def peek_identity(body: bytes) -> tuple[int | None, str | None]:
     """
     if len(body) > _PEEK_MAX_BYTES:
         return None, None
-    try:
-        data = json.loads(body.decode("utf-8", errors="replace"), parse_constant=_reject_constant)
+    try:  # Python's own dialect too: a NaN elsewhere must not silence the failure report
+        data = json.loads(body.decode("utf-8", errors="replace"))
     except (ValueError, RecursionError):
         return None, None
     if not isinstance(data, dict):

@@ -582,8 +582,19 @@ HOSTILE: dict[str, tuple[Callable[[str, str], bytes], str, bool]] = {
     "style-id-as-string": (lambda u, b: _hostile(u, b, style_id="501"), "field 'style_id'", False),
     "nan-constant": (
         lambda u, b: _hostile(u, b).replace(b'"style_id"', b'"lr": NaN, "style_id"'),
-        "invalid JSON constant NaN",
-        False,
+        "field 'lr': not a finite number (nan)",
+        True,
+    ),
+    # what the backend's json.dumps writes for a learning rate computed from bad input
+    "python-json-infinity": (
+        lambda u, b: _hostile(u, b, learning_rate=float("inf")),
+        "field 'learning_rate': not a finite number (inf)",
+        True,
+    ),
+    "repeated-key": (
+        lambda u, b: _hostile(u, b).replace(b'"style_id"', b'"seed": 1, "seed": 2, "style_id"'),
+        "field 'seed': given more than once",
+        True,
     ),
     "json-array": (lambda u, b: b"[" + _hostile(u, b) + b"]", "not a JSON array", False),
     "deep-nesting": (lambda u, b: b"[" * 200_000 + b"]" * 200_000, "not valid JSON", False),
@@ -632,6 +643,7 @@ def test_hostile_message_is_dead_lettered_named_and_reported(
     if reported:
         assert [r.json["error_code"] for r in hostile] == ["INVALID_MESSAGE"]
         assert len(hostile[0].json["error_message"]) <= 2000
+        assert fragment in hostile[0].json["error_message"]  # the backend learns the field
     else:
         assert hostile == []
     assert all("169.254" not in r.path for r in receiver.requests)

@@ -52,8 +52,10 @@ def test_explicit_job_id_and_caption_dict() -> None:
 HOSTILE: list[tuple[str, bytes, str]] = [
     ("not-utf8", b'{"style_id": 1, "x": "\xff\xfe"}', "UTF-8"),
     ("not-json", b"{style_id: 1", "not valid JSON"),
-    ("nan", _body(learning_rate=float("nan")), "not valid JSON"),
-    ("duplicate-key", b'{"style_id": 1, "style_id": 2}', "not valid JSON"),
+    ("nan", _body(learning_rate=float("nan")), "field 'learning_rate': not a finite number"),
+    ("infinity", _body(seed=float("-inf")), "field 'seed': not a finite number (-inf)"),
+    ("nested-nan", _body(captions={"a.png": float("nan")}), "field 'captions.a.png': not a finite"),
+    ("duplicate-key", b'{"style_id": 1, "style_id": 2}', "field 'style_id': given more than once"),
     ("json-array", b"[1, 2]", "JSON object"),
     ("json-string", b'"hello"', "JSON object"),
     ("missing-style-id", _body(style_id=_DROP), "field 'style_id'"),
@@ -244,3 +246,12 @@ def test_one_style_id_rule_for_the_schema_the_payloads_and_the_keys(
             outcomes[name] = False
     outcomes["peek"] = peek_identity(_body(style_id=style_id))[0] is not None
     assert outcomes == dict.fromkeys(outcomes, valid)
+
+
+def test_the_identity_of_a_python_json_body_is_recovered() -> None:
+    """``json.dumps`` writes ``NaN``/``Infinity``: the failure report must still find its way."""
+    body = _body(learning_rate=float("nan"), seed=float("inf"))
+    assert b"NaN" in body and b"Infinity" in body
+    assert peek_identity(body) == (VALID["style_id"], VALID["webhook_url"])
+    repeated = b'{"style_id": 1, "style_id": 7, "webhook_url": "http://backend:8000"}'
+    assert peek_identity(repeated) == (7, "http://backend:8000")  # the last value wins
