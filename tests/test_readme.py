@@ -630,42 +630,25 @@ def test_named_entry_point_is_installed_and_answers_help(
 
 def test_receiver_snippet_accepts_the_client_and_refuses_a_forgery() -> None:
     from lightning_lora.clients.webhook_client import WebhookClient, verify_webhook
+    from tests.support.receiver import WebhookReceiver
 
     namespace: dict[str, Any] = {}
     exec(compile(_readme_block("python", "def signature_ok"), "README.md", "exec"), namespace)
     handle = namespace["handle"]
-
-    class Response:
-        status_code, reason, headers = 200, "OK", {}
-
-        def close(self) -> None:
-            pass
-
-    class Session:
-        def __init__(self) -> None:
-            self.sent: list[tuple[dict[str, str], bytes]] = []
-
-        def request(self, method: str, url: str, data: bytes, headers: dict, **_: Any) -> Any:
-            self.sent.append((headers, data))
-            return Response()
-
-        def close(self) -> None:
-            pass
-
     for secret in ("a plain shared secret", "whsec_c2VjcmV0IGtleSBieXRlcw=="):
-        session = Session()
-        client = WebhookClient(
-            "http://backend:8000", token="tok", signing_secret=secret, session=session
-        )
-        meta = {"training_epochs": 1, "lora_rank": 4, "lora_alpha": 4}
-        for _ in range(2):  # a retry of the same event
-            assert client.send_complete(7, "s3://bucket/models/x", meta, event_id="evt_7")
+        with WebhookReceiver() as receiver:  # what really goes over the wire
+            client = WebhookClient(receiver.base_url, token="tok", signing_secret=secret)
+            meta = {"training_epochs": 1, "lora_rank": 4, "lora_alpha": 4}
+            for _ in range(2):  # a retry of the same event
+                assert client.send_complete(7, "s3://bucket/models/x", meta, event_id="evt_7")
+            sent = [(r.headers, r.body) for r in receiver.requests]
+        assert len(sent) == 2
         seen: set[str] = set()
-        for headers, body in session.sent:
+        for headers, body in sent:
             assert verify_webhook(secret, headers, body)
             assert handle(secret, headers, body, seen) == 200
         assert seen == {"evt_7"}
-        headers, body = session.sent[0]
+        headers, body = sent[0]
         assert handle(secret, headers, body.replace(b"models/x", b"models/y"), set()) == 401
         assert handle("whsec_d3Jvbmcga2V5", headers, body, set()) == 401  # another key
 
@@ -710,9 +693,18 @@ def test_layout_section_matches_the_tree() -> None:
     block = _layout_block()
     assert len(block.strip().splitlines()) <= 30, "the layout block is a map, not a listing"
     package = ROOT / "lightning_lora"
-    for path in re.findall(r"(?<![\w/.-])((?:[\w-]+/)*[\w.-]+\.(?:py|yaml|sh|md)|[\w-]+/)", block):
-        candidates = [ROOT / path, package / path]
-        assert any(c.exists() for c in candidates), f"the layout names {path}: not there"
+    folder = ROOT
+    for line in block.splitlines():
+        head = re.match(r"^(\s*)([\w.-]+)/(?=\s)", line)
+        rest = line
+        if head:  # a line that starts with a folder: the names after it live in it
+            name = head.group(2)
+            folder = package / name if head.group(1) else ROOT / name
+            assert folder.is_dir(), f"the layout names {name}/, which does not exist"
+            rest = line[head.end() :]
+        pattern = r"(?<![\w/.-])([\w.-]+\.(?:py|yaml|sh|md)|[\w-]+/)(?=[\s,)]|$)"
+        for name in re.findall(pattern, rest):
+            assert (folder / name).exists(), f"the layout names {folder.name}/{name}: not there"
     parts = sorted(
         p.name + ("/" if p.is_dir() else "")
         for p in package.iterdir()
