@@ -109,6 +109,13 @@ class LatestOnlyWorker(Generic[T]):
         with self._cond:
             return not self._idle()
 
+    def discard_latest(self) -> T | None:
+        """Drop the latest item if it is still waiting; return it (``None`` if there was none)."""
+        with self._cond:
+            latest, self._latest = self._latest, None
+            self._cond.notify_all()
+            return latest[0] if latest is not None else None
+
     def waiting(self) -> int:
         """How many items wait (the one being handled not counted)."""
         with self._cond:

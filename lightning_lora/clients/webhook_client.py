@@ -31,6 +31,7 @@ import base64
 import email.utils
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import math
@@ -39,8 +40,6 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
-
-import requests
 
 from lightning_lora.clients.backoff import backoff_delay
 from lightning_lora.clients.contract import (
@@ -51,6 +50,7 @@ from lightning_lora.clients.contract import (
     failed_payload,
     progress_payload,
 )
+from lightning_lora.clients.http_deadline import HttpReply, request_with_deadline
 from lightning_lora.clients.redaction import redact
 
 __all__ = [
@@ -129,9 +129,9 @@ def new_event_id() -> str:
 # --------------------------------------------------------------------------- client
 
 
-def _retry_after_s(response: requests.Response) -> float | None:
+def _retry_after_s(response: HttpReply) -> float | None:
     """Parse a ``Retry-After`` header (seconds or HTTP date) into seconds, if present."""
-    value = response.headers.get("Retry-After")
+    value = response.header("Retry-After")
     if not value:
         return None
     try:
@@ -159,12 +159,12 @@ class WebhookClient:
             newline).
         signing_secret: HMAC secret of ``webhook-signature``; ``WEBHOOK_SIGNING_SECRET`` is read
             at every call when ``None``; no signature when neither is set.
-        timeout_s: Connect and read timeout of each request.
+        timeout_s: Deadline of each attempt: connect, send and the whole answer (a backend
+            that dribbles its answer is cut off, :mod:`~lightning_lora.clients.http_deadline`).
         max_attempts: Most attempts of a retried call (complete, failed).
         max_total_s: Most seconds a retried call may take, waits included.
         backoff_base_s: First backoff ceiling; doubles after every attempt (full jitter).
         backoff_max_s: Largest backoff ceiling, and largest ``Retry-After`` honoured.
-        session: A ``requests.Session`` to use; one is created when ``None``.
     """
 
     def __init__(
@@ -177,7 +177,6 @@ class WebhookClient:
         max_total_s: float = 120.0,
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 20.0,
-        session: requests.Session | None = None,
     ) -> None:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError("webhook base_url must be an http:// or https:// URL")
@@ -193,8 +192,6 @@ class WebhookClient:
         self.max_total_s = float(max_total_s)
         self.backoff_base_s = float(backoff_base_s)
         self.backoff_max_s = float(backoff_max_s)
-        self._session = session if session is not None else requests.Session()
-        self._owns_session = session is None
         self._sleep: Callable[[float], None] = time.sleep
         self._warned_no_token = False
 
@@ -205,9 +202,7 @@ class WebhookClient:
         )
 
     def close(self) -> None:
-        """Close the HTTP session if this client created it."""
-        if self._owns_session:
-            self._session.close()
+        """Nothing to release: every attempt opens and closes its own connection."""
 
     # ----------------------------------------------------------------- public calls
 
@@ -378,34 +373,26 @@ class WebhookClient:
         return headers
 
     def _attempt(
-        self, method: str, path: str, body: bytes, headers: Mapping[str, str], timeout_s: float
-    ) -> tuple[bool, bool, str, requests.Response | None]:
-        """Make one request.
+        self, method: str, path: str, body: bytes, headers: Mapping[str, str], deadline_s: float
+    ) -> tuple[bool, bool, str, HttpReply | None]:
+        """Make one request, over within ``deadline_s`` seconds whatever the backend does.
 
         Returns:
-            ``(succeeded, retryable, outcome description, response or None)``.
+            ``(succeeded, retryable, outcome description, reply or None)``.
         """
         try:
-            response = self._session.request(
-                method,
-                self.base_url + path,
-                data=body,
-                headers=dict(headers),
-                timeout=(timeout_s, timeout_s),
-                allow_redirects=False,
-            )
-        except (requests.ConnectionError, requests.Timeout) as exc:
+            reply = request_with_deadline(method, self.base_url + path, body, headers, deadline_s)
+        except OSError as exc:  # refused, reset, TLS, the deadline (a TimeoutError)
             return False, True, redact(f"{type(exc).__name__}: {exc}"), None
-        except requests.RequestException as exc:
-            return False, False, redact(f"{type(exc).__name__}: {exc}"), None
-        status = response.status_code
-        reason = redact(f"HTTP {status} {response.reason or ''}".strip())
-        response.close()
+        except http.client.HTTPException as exc:  # a malformed answer
+            return False, True, redact(f"{type(exc).__name__}: {exc}"), None
+        status = reply.status
+        reason = redact(f"HTTP {status} {reply.reason or ''}".strip())
         if 200 <= status < 300:
-            return True, False, reason, response
-        return False, _is_retryable_status(status), reason, response
+            return True, False, reason, reply
+        return False, _is_retryable_status(status), reason, reply
 
-    def _backoff_s(self, attempt: int, response: requests.Response | None) -> float:
+    def _backoff_s(self, attempt: int, response: HttpReply | None) -> float:
         """Seconds to wait after failed ``attempt``: full jitter, or a small ``Retry-After``."""
         if response is not None:
             retry_after = _retry_after_s(response)

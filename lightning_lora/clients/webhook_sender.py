@@ -34,6 +34,7 @@ class SenderStats:
     progress_replaced: int = 0
     progress_sent: int = 0
     progress_failed: int = 0
+    progress_dropped: int = 0
     reliable_posted: int = 0
     reliable_sent: int = 0
     reliable_failed: int = 0
@@ -181,8 +182,26 @@ class WebhookSender:
         """
         return self._worker.flush(timeout_s)
 
+    def finish(self, timeout_s: float | None = None) -> bool:
+        """Drop a progress report still waiting, then wait for the rest to be sent or given up.
+
+        At a job's end a waiting progress report is stale (the job's end follows it), and
+        waiting for a slow backend to take it would hold the next job. The one being sent is
+        bounded by the client's per-attempt deadline; completions and failures queued here (not
+        the worker's, which it sends itself) are waited for.
+
+        Returns:
+            Whether the sender became idle within ``timeout_s``.
+        """
+        if self._worker.discard_latest() is not None:
+            with self._lock:
+                self._stats.progress_dropped += 1
+        return self._worker.flush(timeout_s)
+
     def close(self, timeout_s: float | None = 30.0) -> bool:
-        """Flush, then stop the thread and close the client; later posts are rejected.
+        """Drop a waiting progress report, send the rest, stop the thread, close the client.
+
+        Later posts are rejected.
 
         Args:
             timeout_s: Most seconds to wait for the flush and the thread.
@@ -191,6 +210,9 @@ class WebhookSender:
             Whether everything was sent (or given up) and the thread stopped in time.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if self._worker.discard_latest() is not None:
+            with self._lock:
+                self._stats.progress_dropped += 1
         unsent = self._worker.waiting()
         flushed, _ = self._worker.close(timeout_s)
         if not flushed:

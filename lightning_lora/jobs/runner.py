@@ -312,6 +312,7 @@ def run_reported_training(
     finally:
         if resume_file is not None:
             resume_file.unlink(missing_ok=True)
-        # progress still queued goes out before returning (bounded by the client's budget)
-        if not report.sender.flush(report.sender.client.max_total_s + 30.0):
+        # a completion or failure queued in the sender (the in-process sink) goes out before
+        # returning, within the client's budget; a progress report still waiting is dropped
+        if not report.sender.finish(report.sender.client.max_total_s + 30.0):
             log.error("webhooks of style %s not all delivered in time", style_id)

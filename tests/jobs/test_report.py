@@ -14,12 +14,12 @@ import threading
 import uuid
 from collections.abc import Iterator
 
+import psutil
 import pytest
 from omegaconf import OmegaConf
 
 from lightning_lora.clients.contract import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
 from lightning_lora.clients.redaction import MASK, clear_registered_secrets, register_secret
-from lightning_lora.clients.webhook_client import WebhookClient
 from lightning_lora.clients.webhook_sender import WebhookSender
 from lightning_lora.errors import (
     DatasetError,
@@ -133,12 +133,15 @@ def _senders() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name == "webhook-sender" and t.is_alive()}
 
 
-def _pools(client: WebhookClient) -> int:
-    """Connection pools the client's own ``requests`` session holds (0 once it is closed)."""
-    return len(client._session.adapters["http://"].poolmanager.pools)
+def _sockets_to(receiver: WebhookReceiver) -> int:
+    """This process's open TCP connections to the receiver."""
+    port = int(receiver.base_url.rsplit(":", 1)[1])
+    return sum(
+        1 for c in psutil.Process().net_connections(kind="tcp") if c.raddr and c.raddr.port == port
+    )
 
 
-def test_close_stops_the_sender_thread_and_closes_the_client_it_owns(
+def test_close_stops_the_sender_thread_and_nothing_stays_open(
     webhook_receiver: WebhookReceiver,
 ) -> None:
     before = _senders()
@@ -147,30 +150,26 @@ def test_close_stops_the_sender_thread_and_closes_the_client_it_owns(
     (thread,) = _senders() - before  # the report started one thread
     assert report.sender.is_alive and thread.is_alive()
     assert report.progress(1, 2, 50, 10) and report.complete(MODEL_URL, METADATA)
-    assert report.sender.flush(10) and _pools(client) == 1
+    assert report.sender.flush(10)
+    assert _sockets_to(webhook_receiver) == 0  # every request closed its own connection
     assert report.close(10) is True
     assert not report.sender.is_alive
-    assert _pools(client) == 0  # the session the report's client made is closed
     assert wait_for(lambda: not _senders() - before, 10)  # the thread count is back
     assert not thread.is_alive()
     assert report.sender.post_progress(STYLE_ID, 2, 2, 100, 0) is False  # closed for good
     assert _sent(webhook_receiver) == [PROGRESS_PATH, COMPLETE_PATH]
 
 
-def test_close_closes_a_given_senders_client_too(webhook_receiver: WebhookReceiver) -> None:
-    """A sender owns its client: a job's report leaves no pooled connection behind."""
+def test_closing_a_report_stops_a_given_sender_too(webhook_receiver: WebhookReceiver) -> None:
     before = _senders()
-    client = fast_client(webhook_receiver)
-    sender = WebhookSender(client)
+    sender = WebhookSender(fast_client(webhook_receiver))
     assert len(_senders() - before) == 1
     with JobReport(sender, STYLE_ID) as report:
         assert report.sender is sender
         assert report.fail(RuntimeError("boom")) is True
-        assert sender.flush(10)
-        assert _pools(client) == 1  # the connection to the backend while the job runs
     assert not sender.is_alive
-    assert _pools(client) == 0  # closed with the report
     assert wait_for(lambda: not _senders() - before, 10)
+    assert _sockets_to(webhook_receiver) == 0
 
 
 @pytest.fixture

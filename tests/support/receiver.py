@@ -11,7 +11,8 @@ Used to test webhook clients over the network without patching ``requests``::
 Responses are taken, per path, from a FIFO queue filled with :meth:`WebhookReceiver.script`;
 when the queue of a path is empty its default (:meth:`WebhookReceiver.set_default`) is used,
 else ``200`` with ``{"ok": true}``. A :class:`Reply` can delay its answer (to exceed a client's
-read timeout) or hang until :meth:`WebhookReceiver.release` or shutdown.
+read timeout), hang until :meth:`WebhookReceiver.release` or shutdown, or dribble its whole answer
+a byte at a time (a slow backend or proxy: each byte comes well within a per-read timeout).
 
 Each request is recorded (:class:`RecordedRequest`) as soon as its body has been read, before
 any delay, so tests can observe requests that are still in flight.
@@ -44,6 +45,9 @@ class Reply:
         headers: Extra response headers (e.g. ``{"Retry-After": "1"}``).
         delay_s: Seconds to wait before answering (cut short when the server stops).
         hang: Wait until :meth:`WebhookReceiver.release` (or server stop) before answering.
+        dribble_s: Send the answer (status line, headers, body) one byte every ``dribble_s``
+            seconds; ``pad`` spaces after the JSON body make it last.
+        pad: Spaces appended to the body (with ``dribble_s``: how long the answer lasts).
     """
 
     status: int = 200
@@ -51,6 +55,8 @@ class Reply:
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     delay_s: float = 0.0
     hang: bool = False
+    dribble_s: float = 0.0
+    pad: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +126,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _answer(self, reply: Reply) -> None:
         payload = reply.body if reply.body is not None else {"ok": reply.status < 400}
-        data = json.dumps(payload).encode("utf-8")
+        data = json.dumps(payload).encode("utf-8") + b" " * reply.pad
+        if reply.dribble_s > 0:
+            self._dribble(reply, data)
+            return
         try:
             self.send_response(reply.status)
             for name, value in reply.headers.items():
@@ -132,6 +141,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(data)
         except OSError:  # the client gave up (timeout) and closed the connection
             pass
+
+    def _dribble(self, reply: Reply, data: bytes) -> None:
+        head = [f"HTTP/1.0 {reply.status} Dribbling"]
+        head += [f"{name}: {value}" for name, value in reply.headers.items()]
+        head += ["Content-Type: application/json", f"Content-Length: {len(data)}", "", ""]
+        raw = "\r\n".join(head).encode("latin-1") + data
+        stopped = self.server.receiver._stopping
+        try:
+            for index in range(len(raw)):
+                self.wfile.write(raw[index : index + 1])
+                self.wfile.flush()
+                if stopped.wait(reply.dribble_s):
+                    return
+        except OSError:  # the client gave up and closed the connection
+            self.server.receiver._count_cut()
 
     def log_message(self, format: str, *args: Any) -> None:
         """Keep test output quiet."""
@@ -167,6 +191,7 @@ class WebhookReceiver:
         self._release = threading.Event()
         self._stopping = threading.Event()
         self._in_flight = 0
+        self._cut = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -243,6 +268,12 @@ class WebhookReceiver:
         return [r for r in self.requests if r.path == path]
 
     @property
+    def cut_short(self) -> int:
+        """Dribbled answers the client hung up on before their last byte."""
+        with self._lock:
+            return self._cut
+
+    @property
     def in_flight(self) -> int:
         """Requests received but not yet answered."""
         with self._lock:
@@ -284,6 +315,11 @@ class WebhookReceiver:
             if queue:
                 return queue.popleft()
             return self._defaults.get(path, self._default)
+
+    def _count_cut(self) -> None:
+        with self._lock:
+            self._cut += 1
+            self._lock.notify_all()
 
     def _record(self, request: RecordedRequest) -> None:
         with self._lock:
