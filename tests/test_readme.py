@@ -65,6 +65,7 @@ import concurrent.futures
 import importlib
 import itertools
 import json
+import logging
 import os
 import re
 import shlex
@@ -622,8 +623,13 @@ def test_named_entry_point_is_installed_and_answers_help(
     assert (BIN / name).is_file(), f"{name} is not installed in {BIN}"
     main = declared[name].load()
     monkeypatch.setattr(sys, "argv", [name, "--help"])
-    with pytest.raises(SystemExit) as exited:
-        main() if name in HYDRA_APPS else main(["--help"])
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main() if name in HYDRA_APPS else main(["--help"])
+    finally:  # Hydra's app installs a handler on this test's captured stdout: take it back
+        root.handlers[:] = handlers
     assert exited.value.code in (0, None)
     assert capsys.readouterr().out.strip()
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from lightning_lora.clients.s3_retry import (
     is_precondition_failed,
     retrying,
 )
+from lightning_lora.clients.store_clock import StoreClock
 from lightning_lora.errors import (
     DatasetError,
     DownloadError,
@@ -84,6 +86,7 @@ class S3Storage:
         connect_timeout_s: Connect timeout per request.
         read_timeout_s: Read timeout per request.
         multipart_threshold_mb: Size from which transfers use multipart.
+        wall: This machine's wall clock, from which :attr:`clock` (the store's time) is kept.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class S3Storage:
         connect_timeout_s: float = 5,
         read_timeout_s: float = 60,
         multipart_threshold_mb: int = 8,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.bucket = bucket
         problem = bucket_problem(self.bucket)
@@ -121,6 +125,9 @@ class S3Storage:
         self.transfer_config = boto3.s3.transfer.TransferConfig(
             multipart_threshold=int(multipart_threshold_mb * MIB), max_concurrency=4
         )
+        #: the store's time, from its answers' Date headers (leases are judged on it)
+        self.clock = StoreClock(wall)
+        self.clock.attach(self.client)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> S3Storage:

@@ -5,8 +5,14 @@ Arguments are Hydra overrides of ``configs/worker.yaml``: training keys as for
 ``worker.`` (``worker.limits.max_images=50``). Everything is checked before the first message
 is consumed; a bad setting exits with status 2 and a message naming it.
 
-* ``--check``: connect to the broker, head the bucket, reach each allow-listed backend; print
-  what works and what doesn't; exit 0 when all do, 1 otherwise.
+* ``--check``: connect to the broker, head the bucket and test its conditional writes, reach each
+  allow-listed backend; print what works and what doesn't; exit 0 when all do, 1 otherwise, 2
+  when the store ignores conditional writes (and ``worker.require_conditional_writes``).
+
+At start the worker tests the bucket's conditional writes too (:mod:`~.clients.store_checks`):
+exactly-once rests on them, so a store that ignores them stops it with status 2, naming the store
+and what it ignored, unless ``worker.require_conditional_writes=false`` (then a warning at every
+start).
 * ``--print-config``: print the composed config and exit (nothing is contacted).
 """
 
@@ -32,7 +38,7 @@ if TYPE_CHECKING:  # the CLI imports the worker's parts only once the arguments 
     from lightning_lora.clients.storage import S3Storage
     from lightning_lora.worker.settings import BrokerSettings, WorkerSettings
 
-__all__ = ["compose_worker_config", "main", "run_checks"]
+__all__ = ["check_store", "compose_worker_config", "main", "run_checks"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,7 @@ def run_checks(
     from pika import BlockingConnection
 
     from lightning_lora.clients.storage import S3Storage
+    from lightning_lora.clients.store_checks import conditional_write_problems
 
     results: list[tuple[bool, str, str]] = []
     try:
@@ -82,12 +89,17 @@ def run_checks(
             f"{type(exc).__name__}: {exc!r}" if not str(exc) else f"{type(exc).__name__}: {exc}"
         )
         results.append((False, "broker", f"{broker.describe()}: {detail}"))
+    store_ignores: list[str] = []
     try:
         bucket = storage or S3Storage(
             settings.s3_bucket, endpoint_url=settings.s3_endpoint_url, retry_budget_s=0
         )
         bucket.head_bucket()
         results.append((True, "s3", f"s3://{bucket.bucket}"))
+        store_ignores = conditional_write_problems(bucket)
+        results.append(
+            (not store_ignores, "s3", _conditional_writes_line(bucket, store_ignores, settings))
+        )
     except Exception as exc:
         results.append((False, "s3", str(exc)))
     for entry in settings.webhook_allowlist:
@@ -99,7 +111,60 @@ def run_checks(
             results.append((False, "backend", f"{entry} ({host}:{port}): {exc}"))
     for ok, what, detail in results:
         print(f"{'ok  ' if ok else 'FAIL'} {what:8} {detail}")
+    if store_ignores and settings.require_conditional_writes:
+        return EXIT_BAD_SETTINGS
     return EXIT_OK if all(ok for ok, _, _ in results) else EXIT_CHECK_FAILED
+
+
+def _store_name(storage: S3Storage) -> str:
+    return f"s3://{storage.bucket} at {storage.endpoint_url or 'AWS S3'}"
+
+
+def _conditional_writes_line(
+    storage: S3Storage, ignored: Sequence[str], settings: WorkerSettings
+) -> str:
+    if not ignored:
+        return f"{_store_name(storage)} honours If-None-Match and If-Match"
+    allowed = "" if settings.require_conditional_writes else " (allowed: exactly-once is lost)"
+    return f"{_store_name(storage)}: " + "; ".join(ignored) + allowed
+
+
+def check_store(storage: S3Storage, settings: WorkerSettings) -> int | None:
+    """Test the bucket's conditional writes at start; an exit status if the worker must stop.
+
+    Returns:
+        ``None`` to go on; :data:`EXIT_BAD_SETTINGS` when the store ignores a condition and
+        ``worker.require_conditional_writes`` is on; :data:`EXIT_CHECK_FAILED` when the store
+        could not be asked.
+    """
+    from lightning_lora.clients.store_checks import conditional_write_problems
+
+    try:
+        ignored = conditional_write_problems(storage)
+    except Exception as exc:
+        print(
+            f"lightning-lora-worker: could not test {_store_name(storage)}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_CHECK_FAILED
+    if not ignored:
+        log.info("%s honours conditional writes", _store_name(storage))
+        return None
+    line = _conditional_writes_line(storage, ignored, settings)
+    if settings.require_conditional_writes:
+        print(
+            f"lightning-lora-worker: {line}. Exactly-once rests on conditional writes: use a "
+            "store that honours them, or set worker.require_conditional_writes=false to run "
+            "without the guarantee.",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_SETTINGS
+    log.warning(
+        "%s; running anyway (worker.require_conditional_writes=false): two workers may train "
+        "and report one job",
+        line,
+    )
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -183,6 +248,9 @@ def _serve(train_cfg: DictConfig, settings: WorkerSettings) -> int:
             ready=lambda: consumer.consuming.is_set() and metrics.broker_seen_within(60.0),
         )
         log.info("health and metrics on http://%s:%d/", settings.metrics_host, server.port)
+    stop = check_store(worker.storage, settings)
+    if stop is not None:
+        return stop
     worker.outbox.on_scan = metrics.set_outbox_pending
     worker.outbox.start()
     log.info("worker consuming %s (%s)", broker.queue, broker.describe())

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -148,20 +147,22 @@ class Ledger:
     Args:
         storage: The bucket.
         lease_ttl_s: How long a lease lasts without renewal (renewed every third of it).
-        clock: Wall clock in seconds (leases are compared across machines).
+        clock: Seconds since the epoch on the clock every worker shares; the store's
+            (:attr:`S3Storage.clock <lightning_lora.clients.storage.S3Storage.clock>`, from its
+            answers' ``Date`` headers) when ``None``, so a worker's own clock may drift.
     """
 
     def __init__(
         self,
         storage: S3Storage,
         lease_ttl_s: float = 60.0,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if lease_ttl_s <= 0:
             raise ValueError("lease_ttl_s must be > 0")
         self.storage = storage
         self.lease_ttl_s = float(lease_ttl_s)
-        self.clock = clock
+        self.clock: Callable[[], float] = clock if clock is not None else storage.clock
         self.holder = Holder.this_process()
 
     # ----------------------------------------------------------------- reading records

@@ -309,6 +309,8 @@ class WorkerSettings(BaseModel):
         grace_period_s: Time a running job gets to checkpoint on shutdown.
         work_dir: Parent of the per-job folders (``None``: system temp).
         resume_from_s3: Resume a redelivered job from its newest S3 checkpoint.
+        require_conditional_writes: Refuse to start on a store that ignores ``If-None-Match`` or
+            ``If-Match`` (exactly-once rests on them); ``False`` runs with a warning.
         lease_ttl_s: How long a job's lease lasts without renewal (renewed every third).
         outbox_window_s: How long an unacknowledged terminal webhook is re-sent (24 h).
         outbox_poll_s: Seconds between two scans of the outbox.
@@ -337,6 +339,7 @@ class WorkerSettings(BaseModel):
     grace_period_s: float = Field(default=120.0, ge=0)
     work_dir: str | None = None
     resume_from_s3: bool = True
+    require_conditional_writes: bool = True
     lease_ttl_s: float = Field(default=60.0, gt=0)
     outbox_window_s: float = Field(default=86_400.0, gt=0)
     outbox_poll_s: float = Field(default=10.0, gt=0)

@@ -35,6 +35,7 @@ from lightning_lora.worker.cli import compose_worker_config
 from lightning_lora.worker.owners import pid_namespace
 from lightning_lora.worker.records import Holder
 from tests.support.broker import depth, wait_for
+from tests.support.header_proxy import HeaderDroppingProxy
 from tests.support.net import closed_port
 from tests.support.worker_stack import (
     TOKEN,
@@ -128,8 +129,10 @@ def test_worker_refuses_bad_settings_and_check_reports_each_dependency(stack) ->
     assert [line.split()[:2] for line in _results(check.stdout)] == [
         ["ok", "broker"],
         ["ok", "s3"],
+        ["ok", "s3"],  # the store honours conditional writes
         ["ok", "backend"],
     ]
+    assert "honours If-None-Match and If-Match" in _results(check.stdout)[2]
     down = {
         **good,
         "WEBHOOK_ALLOWLIST": f"{host},127.0.0.1:{closed_port()}",
@@ -141,7 +144,51 @@ def test_worker_refuses_bad_settings_and_check_reports_each_dependency(stack) ->
     assert lines[0].startswith("ok   broker")
     assert lines[1].startswith("FAIL s3") and "no-such-bucket-ll" in lines[1]
     assert lines[2].startswith("ok   backend") and lines[3].startswith("FAIL backend")
+    assert len(lines) == 4  # an unreachable bucket is not probed
     assert TOKEN not in check.stdout + failing.stdout
+
+
+@pytest.mark.slow
+def test_a_store_that_ignores_conditional_writes_stops_the_worker(stack, tmp_path) -> None:
+    """Behind a proxy that drops If-None-Match and If-Match, exactly-once would be lost: the
+    worker refuses to start (exit 2, naming the store), ``--check`` says so; opting out runs
+    with a warning at start."""
+    receiver, broker, storage = stack["receiver"], stack["broker"], stack["storage"]
+    with HeaderDroppingProxy(storage.endpoint_url or "") as proxy:
+        env = {
+            **os.environ,
+            "RABBITMQ_HOST": broker.host,
+            "RABBITMQ_QUEUE": broker.queue,
+            "INTERNAL_API_TOKEN": TOKEN,
+            "WEBHOOK_ALLOWLIST": receiver.base_url.removeprefix("http://"),
+            "S3_ENDPOINT_URL": proxy.endpoint_url,
+        }
+        check = _cli("model=tiny", "--check", env=env)
+        assert check.returncode == 2, check.stdout + check.stderr
+        (store,) = [line for line in _results(check.stdout) if "If-" in line]
+        assert store.startswith("FAIL s3") and proxy.endpoint_url in store
+        assert "ignores If-None-Match" in store and "ignores If-Match" in store
+        start = _cli("model=tiny", env=env)
+        assert start.returncode == 2, start.stdout + start.stderr
+        assert proxy.endpoint_url in start.stderr and "require_conditional_writes" in start.stderr
+        assert "worker consuming" not in start.stdout + start.stderr
+        log_path = tmp_path / "allowed.log"
+        proc = _spawn_worker(
+            stack,
+            "worker.require_conditional_writes=false",
+            log_path=log_path,
+            env={"S3_ENDPOINT_URL": proxy.endpoint_url},
+        )
+        try:
+            assert wait_for(lambda: "worker consuming" in log_path.read_text(), 120), _stop(proc)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            output = _stop(proc)
+    assert proc.returncode == 0, output[-3000:]
+    warning = [line for line in output.splitlines() if "require_conditional_writes=false" in line]
+    assert warning and "WARNING" in warning[0] and "ignores If-None-Match" in warning[0]
+    assert depth(broker.queue) == 0 and _terminal(receiver, 0) == []
 
 
 @pytest.mark.slow

@@ -132,6 +132,29 @@ def test_a_held_lease_is_busy_for_another_worker(
     assert lease is not None and lease.holder == a.holder and lease.attempts == 1
 
 
+def test_leases_are_judged_on_the_stores_clock_not_the_workers(
+    s3_env: S3Storage, held: list[Lease]
+) -> None:
+    """A worker whose clock runs far ahead (twice the lease's life) does not take a live lease:
+    both ledgers read the store's time. On its own clock, it would."""
+    ttl_s = 30.0
+    a = Ledger(s3_env, ttl_s)
+    ahead = S3Storage(
+        s3_env.bucket,
+        endpoint_url=s3_env.endpoint_url,
+        retry_budget_s=2,
+        wall=lambda: time.time() + 2 * ttl_s,
+    )
+    b = Ledger(ahead, ttl_s)
+    held.append(a.acquire(RUN))
+    with pytest.raises(LeaseBusy):
+        b.acquire(RUN)
+    assert abs(b.clock() - a.clock()) < 5 and ahead.clock.synced
+    on_its_own_clock = Ledger(ahead, ttl_s, clock=lambda: time.time() + 2 * ttl_s)
+    held.append(on_its_own_clock.acquire(RUN))  # the hazard the store's clock removes
+    assert held[-1].attempts == 2
+
+
 def test_an_expired_lease_is_taken_over_as_another_attempt(
     ledgers: tuple[Ledger, Ledger], clock: FakeClock, held: list[Lease]
 ) -> None:
