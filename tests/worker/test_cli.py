@@ -24,11 +24,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pika
+import psutil
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from lightning_lora.clients.contract import COMPLETE_PATH, PROGRESS_PATH
+from lightning_lora.clients.contract import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
 from lightning_lora.lora.text_encoder import build_lora_configs
 from lightning_lora.worker.broker import BrokerSettings, publish_job
 from lightning_lora.worker.cli import compose_worker_config
@@ -146,6 +147,93 @@ def test_worker_refuses_bad_settings_and_check_reports_each_dependency(stack) ->
     assert lines[2].startswith("ok   backend") and lines[3].startswith("FAIL backend")
     assert len(lines) == 4  # an unreachable bucket is not probed
     assert TOKEN not in check.stdout + failing.stdout
+
+
+def _publish_raw(broker: BrokerSettings, bodies: list[bytes]) -> None:
+    """Publish bodies as they are (the backend's pika calls, one connection for all)."""
+    connection = pika.BlockingConnection(
+        pika.ConnectionParameters(host=broker.host, port=broker.port)
+    )
+    try:
+        channel = connection.channel()
+        channel.queue_declare(queue=broker.queue, durable=True)  # as the backend does
+        for body in bodies:
+            channel.basic_publish(
+                exchange="",
+                routing_key=broker.queue,
+                body=body,
+                properties=pika.BasicProperties(delivery_mode=2),
+            )
+    finally:
+        connection.close()
+
+
+def _resources(pid: int) -> tuple[int, int]:
+    process = psutil.Process(pid)
+    return process.num_threads(), process.num_fds()
+
+
+@pytest.mark.slow
+def test_hundreds_of_messages_of_every_outcome_leave_no_thread_or_descriptor_behind(
+    stack, tmp_path
+) -> None:
+    """A long-running worker must not wear out: after a warm-up (the model loaded, one job of
+    each kind), a few hundred messages of every outcome (completed, failed, refused and
+    reported, refused unreadable, refused for a foreign webhook) leave its thread count and
+    open descriptors where they were. Counts, not timings."""
+    receiver, broker, storage = stack["receiver"], stack["broker"], stack["storage"]
+    bad_image = f"s3://{storage.bucket}/styles/src/bad.png"
+    storage.client.put_object(Bucket=storage.bucket, Key="styles/src/bad.png", Body=b"not a png")
+    foreign = "http://198.51.100.7:8000"  # not allow-listed: no request is ever sent to it
+
+    def mixed(first_style: int, completed: int, failed: int, reported: int, unreadable: int):
+        bodies = []
+        style = first_style
+        for _ in range(completed):
+            bodies.append(json.dumps(_job(stack, style, num_epochs=1)).encode())
+            style += 1
+        for _ in range(failed):
+            bodies.append(json.dumps(_job(stack, style, image_urls=[bad_image])).encode())
+            style += 1
+        for _ in range(reported):  # what json.dumps writes for a NaN learning rate
+            bodies.append(json.dumps(_job(stack, style, learning_rate=float("nan"))).encode())
+            style += 1
+        for index in range(unreadable):
+            bodies.append(b"{not json " + str(index).encode())
+            bodies.append(json.dumps(_job(stack, style + index, webhook_url=foreign)).encode())
+        return bodies, style - first_style
+
+    log_path = tmp_path / "worker.log"
+    proc = _spawn_worker(stack, "trainer.max_epochs=1", log_path=log_path)
+    try:
+        assert wait_for(lambda: "worker consuming" in log_path.read_text(), 120), _stop(proc)
+        warm, terminals = mixed(10_000, completed=1, failed=1, reported=1, unreadable=1)
+        _publish_raw(broker, warm)
+        assert wait_for(lambda: len(_all_terminal(receiver)) == terminals, 240), _stop(proc)
+        assert wait_for(lambda: depth(broker.queue) == 0, 60)
+        time.sleep(2.0)  # the outbox's first scan, the sockets' TIME_WAIT: idle again
+        threads, fds = _resources(proc.pid)
+        bodies, more = mixed(20_000, completed=3, failed=8, reported=120, unreadable=60)
+        assert len(bodies) >= 250
+        _publish_raw(broker, bodies)
+        assert wait_for(lambda: len(_all_terminal(receiver)) == terminals + more, 900), _stop(proc)
+        assert wait_for(lambda: depth(broker.queue) == 0, 120)
+        # every thread and descriptor a message opened is closed by the time it is settled
+        assert wait_for(lambda: _resources(proc.pid) <= (threads, fds), 30), (
+            _resources(proc.pid),
+            (threads, fds),
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        output = _stop(proc)
+    assert proc.returncode == 0, output[-3000:]
+    assert depth(broker.dlq) == 1 + 1 + 2 + 8 + 120 + 120  # every refusal and failure kept
+    assert all(r.json.get("error_code") != "TRAINING_FAILED" for r in _all_terminal(receiver))
+
+
+def _all_terminal(receiver) -> list:
+    return [r for r in receiver.requests if r.path in (COMPLETE_PATH, FAILED_PATH)]
 
 
 @pytest.mark.slow
