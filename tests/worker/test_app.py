@@ -473,6 +473,41 @@ def test_receiver_down_does_not_hold_the_job_and_is_logged(stack, caplog) -> Non
     assert float(timings.group(1)) < budget + 15
 
 
+def test_a_backend_that_dribbles_its_answers_holds_no_job_past_its_budget(stack, caplog) -> None:
+    """The backend (or a proxy) answers a byte at a time, within every per-read timeout:
+    progress never holds training, the completion's first delivery ends within its budget, the
+    message is settled, and the outbox delivers the same event once the backend answers."""
+    caplog.set_level(logging.INFO)
+    receiver, storage = stack["receiver"], stack["storage"]
+    dribble = Reply(200, dribble_s=0.05, pad=4000)  # each answer would last minutes
+    receiver.set_default(dribble)
+    budget = 3.0
+    worker = _worker(
+        stack,
+        "trainer.max_epochs=1",
+        f"reporting.client.max_total_s={budget}",
+        "reporting.client.timeout_s=1",
+        "reporting.client.backoff_base_s=0.2",
+        "reporting.webhook.interval_s=0",
+    )
+    body = json.dumps(_job(stack, 74)).encode()
+    settlement = worker.handle(_delivery(body, redelivered=False))
+    assert settlement.outcome.name == "ACK"
+    timings = re.search(r"job style-74 timings: .*upload_and_report_s=([0-9.]+)", caplog.text)
+    assert timings, caplog.text[-3000:]
+    assert float(timings.group(1)) < budget + 15  # the dribbled answer would take minutes
+    sent = receiver.requests_to(COMPLETE_PATH)
+    assert 1 <= len(sent) <= 3 and wait_for(lambda: receiver.cut_short >= len(sent), 10)
+    assert len(storage.list_keys("outbox/")) == 1  # kept for the outbox
+    receiver.set_default(Reply(200))
+    assert wait_for(lambda: worker.outbox.run_once() == 1, 30)
+    delivered = receiver.requests_to(COMPLETE_PATH)[-1]
+    assert delivered.status == 200 and delivered.header("webhook-id") == sent[0].header(
+        "webhook-id"
+    )  # the same event
+    assert storage.list_keys("outbox/") == []
+
+
 def test_a_job_that_kills_its_worker_is_dead_lettered_with_a_failure(
     stack, monkeypatch, tmp_path: Path
 ) -> None:
