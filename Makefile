@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # CPU machines take a plain torch pin that installs fast here; GPU machines take the newest build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: install demo pretrain-tiny test test-fast lint typecheck format train load bench clean
+.PHONY: install demo pretrain-tiny test test-fast lint typecheck format train load soak bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ train: install
 # the reliability figures of docs/RELIABILITY.md (30 tiny jobs over 2 worker processes)
 load: install
 	$(PY) benchmarks/load_test.py --jobs 30 --workers 2
+
+# the soak of docs/RELIABILITY.md: 60 jobs plus a few hundred failing and refused messages over
+# 2 workers; each worker's threads, descriptors and RSS warm and at the end
+soak: install
+	$(PY) benchmarks/load_test.py --jobs 60 --workers 2 --soak
 
 # the speed table of docs/PERFORMANCE.md (CPU: tiny model; CUDA: SD1.5 shapes), e.g.
 # make bench ARGS="--case base:4:gc --case ours:4:gc --json bench.json"

@@ -11,6 +11,15 @@ checks that each job completed exactly once, nothing failed and both queues are 
 jobs/min and the p50/p95 latency from publishing a message to receiving its completion webhook.
 Exit status 0 when all checks pass. ``tests/benchmarks/test_load_test.py`` runs a small version
 in CI.
+
+``--soak`` (``make soak``) mixes in the other outcomes a worker settles, a few hundred messages
+in all: jobs whose image is not an image (``INVALID_IMAGE``), refused messages with a readable
+identity (a ``NaN`` learning rate, as ``json.dumps`` writes it: one ``INVALID_MESSAGE`` webhook
+each), unreadable bodies and jobs for a webhook outside the allowlist (refused, no request). It
+reports each worker's threads, open descriptors and RSS when it starts consuming, after the
+first completed jobs (warm: the model loaded) and at the end; the run fails if a worker ends
+with more threads or descriptors than it had warm. Not a timed test: the figures go to
+``docs/RELIABILITY.md``.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import re
 import signal
 import statistics
@@ -28,11 +38,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+import psutil  # noqa: E402
 
 from lightning_lora.worker.broker import BrokerSettings, publish_job  # noqa: E402
 from tests.support.broker import channel, depth  # noqa: E402
@@ -76,6 +89,12 @@ class LoadResult:
             webhook: the wall time without the workers' start-up (imports, model load).
         service_s: Per job, the worker's own ``total_s`` (download, training, upload, report),
             read from the ``timings:`` log lines.
+        failing: Jobs published that must fail (``INVALID_IMAGE``), style ids after the jobs.
+        reported: Refused messages with a readable identity (one failure webhook each).
+        silent: Refused messages that get no webhook (unreadable, foreign webhook).
+        resources: Per phase (``idle``: consuming, before any message; ``warm``: one message
+            of each kind settled; ``end``), each worker's ``threads``, ``fds`` (without the
+            store's pooled connections), ``store_connections`` and ``rss_mb``.
     """
 
     jobs: int
@@ -90,24 +109,40 @@ class LoadResult:
     log_dir: str
     steady_s: float = 0.0
     service_s: list[float] = dataclasses.field(default_factory=list)
+    failing: int = 0
+    reported: int = 0
+    silent: int = 0
+    resources: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)
 
     @property
     def exactly_once(self) -> bool:
-        """Every job completed exactly once and none failed."""
+        """Every job completed once, every failing job and reported refusal failed once."""
+        to_fail = set(range(self.jobs + 1, self.jobs + self.failing + self.reported + 1))
         return (
             all(self.completions.get(i, 0) == 1 for i in range(1, self.jobs + 1))
-            and not any(self.failures.values())
             and len(self.completions) == self.jobs
+            and {sid for sid, n in self.failures.items() if n} == to_fail
+            and all(self.failures[sid] == 1 for sid in to_fail)
+        )
+
+    @property
+    def kept_its_resources(self) -> bool:
+        """No worker ended with more threads or open descriptors than it had warm."""
+        warm, end = self.resources.get("warm", []), self.resources.get("end", [])
+        return all(
+            e["threads"] <= w["threads"] and e["fds"] <= w["fds"]
+            for w, e in zip(warm, end, strict=True)
         )
 
     @property
     def ok(self) -> bool:
-        """Exactly once, both queues empty, every worker exited 0."""
+        """Exactly once, the work queue empty, every refusal dead-lettered, workers exited 0."""
         return (
             self.exactly_once
             and self.queue_depth == 0
-            and self.dlq_depth == 0
+            and self.dlq_depth == self.failing + self.reported + self.silent
             and all(code == 0 for code in self.worker_exit_codes)
+            and self.kept_its_resources
         )
 
     @property
@@ -144,7 +179,12 @@ class LoadResult:
             "latency_mean_s": round(statistics.fmean(self.latencies_s), 1)
             if self.latencies_s
             else None,
+            "failing": self.failing,
+            "reported": self.reported,
+            "silent": self.silent,
             "exactly_once": self.exactly_once,
+            "resources": self.resources,
+            "kept_its_resources": self.kept_its_resources,
             "queue_depth": self.queue_depth,
             "dlq_depth": self.dlq_depth,
             "worker_exit_codes": self.worker_exit_codes,
@@ -175,6 +215,60 @@ def _prepare_assets(cache: Path) -> list[Path]:
     return sorted(make_demo_images(cache / "demo-style-load").glob("*.png"))[:2]
 
 
+def _resources(procs: list[subprocess.Popen], store_port: int) -> list[dict[str, float]]:
+    """Each worker's threads, open descriptors and resident memory now.
+
+    ``fds`` leaves out the connections to the store that boto3's pool keeps open for reuse (at
+    most ten, botocore's default): a bounded cache, not something a message opened. They are
+    counted in ``store_connections``.
+    """
+    found = []
+    for proc in procs:
+        process = psutil.Process(proc.pid)
+        pooled = sum(
+            1 for c in process.net_connections(kind="tcp") if c.raddr and c.raddr.port == store_port
+        )
+        found.append(
+            {
+                "threads": process.num_threads(),
+                "fds": process.num_fds() - pooled,
+                "store_connections": pooled,
+                "rss_mb": round(process.memory_info().rss / 2**20, 1),
+            }
+        )
+    return found
+
+
+def _messages(
+    jobs: range,
+    failing: range,
+    reported: range,
+    silent: int,
+    urls: list[str],
+    bad_url: str,
+    webhook_url: str,
+) -> list[bytes]:
+    """The bodies of a batch: jobs, failing jobs, reported refusals, silent refusals."""
+    bodies = []
+    for style in jobs:
+        job = {"style_id": style, "image_urls": urls, "webhook_url": webhook_url, "seed": style}
+        bodies.append(json.dumps(job).encode())
+    for style in failing:
+        job = {"style_id": style, "image_urls": [bad_url], "webhook_url": webhook_url}
+        bodies.append(json.dumps(job).encode())
+    for style in reported:  # what json.dumps writes for a learning rate that is not finite
+        job = {"style_id": style, "image_urls": urls, "webhook_url": webhook_url}
+        bodies.append(json.dumps({**job, "learning_rate": float("nan")}).encode())
+    for index in range(silent):
+        if index % 2:
+            bodies.append(b"{not json " + str(index).encode())
+        else:
+            foreign = "http://198.51.100.7:8000"  # outside the allowlist: no request is sent
+            job = {"style_id": 10**6 + index, "image_urls": urls, "webhook_url": foreign}
+            bodies.append(json.dumps(job).encode())
+    return bodies
+
+
 def run_load(
     jobs: int,
     workers: int,
@@ -183,6 +277,9 @@ def run_load(
     cache_dir: str | Path | None = None,
     log_dir: str | Path | None = None,
     settle_s: float = 2.0,
+    failing: int = 0,
+    reported: int = 0,
+    silent: int = 0,
 ) -> LoadResult:
     """Run the load test and return what it measured (never raises on a failed check).
 
@@ -193,6 +290,9 @@ def run_load(
         cache_dir: Cache for the tiny model (``LIGHTNING_LORA_CACHE`` or the default).
         log_dir: Folder for the workers' logs (a fresh temporary folder when ``None``).
         settle_s: Seconds to wait after the last webhook for (wrong) duplicates.
+        failing: Jobs whose image is not an image (each fails once, ``INVALID_IMAGE``).
+        reported: Refused messages with a readable identity (each reported once).
+        silent: Refused messages that get no webhook (unreadable or a foreign webhook).
 
     Returns:
         The measurements and checks.
@@ -242,17 +342,12 @@ def run_load(
             procs.append(
                 subprocess.Popen(args, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
             )
+        bad_key = "styles/load/not-an-image.png"
+        moto.admin_client.put_object(Bucket=bucket, Key=bad_key, Body=b"not an image")
+        bad_url = f"s3://{bucket}/{bad_key}"
+        failing_ids = range(jobs + 1, jobs + failing + 1)
+        reported_ids = range(jobs + failing + 1, jobs + failing + reported + 1)
         published: dict[int, float] = {}
-        for style_id in range(1, jobs + 1):
-            job = {
-                "style_id": style_id,
-                "image_urls": urls,
-                "webhook_url": receiver.base_url,
-                "seed": style_id,
-            }
-            published[style_id] = time.monotonic()
-            publish_job(broker, job, message_id=f"{name}-{style_id}")
-        start = min(published.values())
 
         def terminal_ids(reqs: list) -> set[int]:
             return {
@@ -261,16 +356,67 @@ def run_load(
                 if r.path in (COMPLETE_PATH, FAILED_PATH) and 200 <= r.status < 300
             }
 
-        try:
-            receiver.wait_for(lambda reqs: len(terminal_ids(reqs)) >= jobs, timeout_s)
-        except AssertionError:
+        def publish(bodies: list[bytes], styles: list[int]) -> None:
+            now = time.monotonic()
+            published.update({style: now for style in styles})
+            for index, body in enumerate(bodies):
+                publish_job(broker, body, message_id=f"{name}-{len(published)}-{index}")
+
+        resources: dict[str, list[dict[str, float]]] = {}
+        deadline = time.monotonic() + timeout_s
+        warm_jobs = min(jobs, workers)  # each worker loads its model on its first job
+        store_port = int(moto.endpoint_url.rsplit(":", 1)[1])
+        consuming = [logs / f"worker{w}.log" for w in range(workers)]
+        _wait(lambda: all("consuming from" in log.read_text() for log in consuming), deadline)
+        resources["idle"] = _resources(procs, store_port)
+        if failing or reported or silent:  # soak: the warm level, one of each kind done
+            warm = _messages(
+                range(1, warm_jobs + 1),
+                failing_ids[:1],
+                reported_ids[:1],
+                min(silent, 2),
+                urls,
+                bad_url,
+                receiver.base_url,
+            )
+            ids = [*range(1, warm_jobs + 1), *failing_ids[:1], *reported_ids[:1]]
+            publish(warm, ids)
+            _wait(
+                lambda: set(ids) <= terminal_ids(receiver.requests) and depth(broker.queue) == 0,
+                deadline,
+            )
+            time.sleep(settle_s)
+            resources["warm"] = _resources(procs, store_port)
+            rest = _messages(
+                range(warm_jobs + 1, jobs + 1),
+                failing_ids[1:],
+                reported_ids[1:],
+                max(0, silent - 2),
+                urls,
+                bad_url,
+                receiver.base_url,
+            )
+            random.Random(0).shuffle(rest)
+            publish(rest, [*range(warm_jobs + 1, jobs + 1), *failing_ids[1:], *reported_ids[1:]])
+        else:
+            publish(
+                _messages(
+                    range(1, jobs + 1), range(0), range(0), 0, urls, bad_url, receiver.base_url
+                ),
+                list(range(1, jobs + 1)),
+            )
+        start = min(published.values())
+        expected = jobs + failing + reported
+        if not _wait(lambda: len(terminal_ids(receiver.requests)) >= expected, deadline):
             print(f"timed out after {timeout_s:.0f}s", file=sys.stderr)
+        _wait(lambda: depth(broker.queue) == 0, time.monotonic() + 60)
         requests = receiver.requests
         ends = [r.received_at for r in requests if r.path in (COMPLETE_PATH, FAILED_PATH)]
         wall = (max(ends) - start) if ends else 0.0
         firsts = [r.received_at for r in requests if r.path == PROGRESS_PATH]
         steady = (max(ends) - min(firsts)) if ends and firsts else 0.0
         time.sleep(settle_s)
+        resources["end"] = _resources(procs, store_port)
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         codes: list[int | None] = []
@@ -305,6 +451,10 @@ def run_load(
             log_dir=str(logs),
             steady_s=steady,
             service_s=_service_times(logs),
+            failing=failing,
+            reported=reported,
+            silent=silent,
+            resources=resources,
         )
     finally:
         for proc in procs:
@@ -323,6 +473,14 @@ def run_load(
             print(f"could not delete the test queues: {exc}", file=sys.stderr)
 
 
+def _wait(predicate: Callable[[], bool], deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: run the load test, print the figures as JSON, exit 1 on a failed check."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -330,9 +488,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for all jobs")
     parser.add_argument("--log-dir", default=None, help="folder for the workers' logs")
+    parser.add_argument(
+        "--soak",
+        action="store_true",
+        help="mix in failing jobs and refused messages (a few hundred messages in all): "
+        "--failing 20 --reported 200 --silent 100 unless given",
+    )
+    parser.add_argument("--failing", type=int, default=None, help="jobs that fail")
+    parser.add_argument("--reported", type=int, default=None, help="refusals reported")
+    parser.add_argument("--silent", type=int, default=None, help="refusals not reported")
     args = parser.parse_args(argv)
+    soak = (20, 200, 100) if args.soak else (0, 0, 0)
+    failing, reported, silent = (
+        given if given is not None else default
+        for given, default in zip((args.failing, args.reported, args.silent), soak, strict=True)
+    )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    result = run_load(args.jobs, args.workers, timeout_s=args.timeout, log_dir=args.log_dir)
+    result = run_load(
+        args.jobs,
+        args.workers,
+        timeout_s=args.timeout,
+        log_dir=args.log_dir,
+        failing=failing,
+        reported=reported,
+        silent=silent,
+    )
     print(json.dumps(result.summary(), indent=2))
     return 0 if result.ok else 1
 
