@@ -21,8 +21,10 @@
 
 Not reproduced: Accelerate's process group and gradient accumulation (one process, one micro-batch
 per step), the data loader (a fixed synthetic batch: standard-normal pixels and random token ids),
-logging, EMA and validation. On a CPU, fp16 is replaced by bf16 autocast without a scaler, and the
-LoRA parameters stay in fp32 as under the recipe's fp16 path (the recipe leaves them in bf16 under
+logging, EMA and validation. The precision is the case's (:func:`recipe_precision`: the recipe's
+``--mixed_precision fp16``, ``bf16`` or ``no``), so that a baseline and our step compare at the
+same precision; on a CPU fp16 becomes bf16 (as Lightning does), and the LoRA parameters stay in
+fp32 as under the recipe's fp16 path (the recipe leaves them in bf16 under
 ``--mixed_precision bf16``).
 
 The shared ``sd15_lora_reference.py`` (another implementation of the same step) is not part of
@@ -90,6 +92,19 @@ class RecipeSettings:
         """Dtype of the frozen weights (and of autocast) on ``device``."""
         mode = self.mixed_precision or ("fp16" if device.type == "cuda" else "bf16")
         return {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[mode]
+
+
+def recipe_precision(precision: str, device: str | torch.device) -> str:
+    """The recipe's ``--mixed_precision`` for a Lightning precision on ``device``.
+
+    ``bf16-mixed``/``bf16-true`` -> ``bf16``; ``16-mixed`` -> ``fp16`` on CUDA and ``bf16``
+    elsewhere (Lightning's choice on a CPU); ``32-true``/``32`` -> ``no``.
+    """
+    if precision.startswith("bf16"):
+        return "bf16"
+    if precision.startswith("16"):
+        return "fp16" if torch.device(device).type == "cuda" else "bf16"
+    return "no"
 
 
 class DiffusersLoRAStep:
@@ -261,13 +276,11 @@ def time_baseline(
     peak = peak_memory()
     del recipe, components
     free_memory()
-    precision = {torch.float16: "16-mixed (GradScaler)", torch.bfloat16: "bf16-mixed"}
     return {
         "step_s": step_s,
         "samples_per_s": batch_size / step_s,
         "peak_gib": gib(peak),
         "losses": losses,
-        "precision": precision.get(dtype, "32-true"),
     }
 
 
@@ -342,5 +355,4 @@ def time_reference(
         "step_s": float(out["step_s"]),
         "samples_per_s": float(out["samples_per_s"]),
         "peak_gib": out.get("peak_gib"),
-        "precision": "16-mixed (GradScaler)" if device == "cuda" else "bf16-mixed",
     }

@@ -17,6 +17,20 @@ ALIASES = {"base": "baseline", "ref": "reference"}
 #: The recipes that run diffusers' step rather than ours.
 BASELINES = ("baseline", "reference")
 PRECISIONS = ("bf16-mixed", "16-mixed", "32-true", "32", "bf16-true")
+#: The precision the shared reference always runs at (it takes no precision argument).
+REFERENCE_PRECISION = {"cuda": "16-mixed", "cpu": "bf16-mixed"}
+
+
+def effective_precision(precision: str, device: str) -> str:
+    """What a precision setting runs as on ``device``.
+
+    Lightning runs ``16-mixed`` as bf16 on a CPU (no fp16 autocast there); ``32`` is ``32-true``.
+    """
+    if precision == "32":
+        return "32-true"
+    if precision == "16-mixed" and device != "cuda":
+        return "bf16-mixed"
+    return precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +42,9 @@ class Case:
         batch_size: Samples per step.
         grad_ckpt: Gradient checkpointing of the UNet.
         compile_mode: ``module.compile_mode`` of ours and job (``regional`` included).
-        precision: Lightning precision (ours and job); the baselines use fp16 autocast with a
-            GradScaler on CUDA and bf16 autocast on CPU whatever this says.
+        precision: Lightning precision of ours and job; the baseline runs the recipe at the
+            same precision (``--mixed_precision fp16``/``bf16``/``no``), so a pair differs only
+            in the trainer. The shared reference always runs at :data:`REFERENCE_PRECISION`.
         images: Training images of a job.
         epochs: Epochs of a job.
         checkpoints: Whether a job keeps the default per-epoch Lightning checkpoints.
@@ -52,8 +67,9 @@ class Case:
         """Short spec-like name, e.g. ``ours:b4:gc:reduce-overhead:bf16-mixed``."""
         parts = [self.recipe, f"b{self.batch_size}", "gc" if self.grad_ckpt else "nogc"]
         if self.recipe not in BASELINES:
-            mode = "+".join([self.compile_mode, *self.extra_blocks])
-            parts += [mode, self.precision]
+            parts.append("+".join([self.compile_mode, *self.extra_blocks]))
+        if self.recipe != "reference":
+            parts.append(self.precision)
         if self.recipe == "job":
             parts += [f"{self.images}img", f"{self.epochs}ep"]
             parts += [] if self.checkpoints else ["nockpt"]
@@ -110,7 +126,10 @@ def grid_cases(
     precisions: Sequence[str],
     baselines: Sequence[str] = ("baseline",),
 ) -> list[Case]:
-    """The baseline rows first (one per batch size and grad-ckpt setting), then ours.
+    """The baseline rows first (one per batch size, grad-ckpt setting and precision), then ours.
+
+    Every ``ours`` row without compilation has its baseline: the same batch, gradient
+    checkpointing and precision.
 
     Args:
         batch_sizes: Batch sizes.
@@ -122,7 +141,13 @@ def grid_cases(
     Returns:
         The cases in run order.
     """
-    cases = [Case(r, b, g) for r in baselines for b in batch_sizes for g in grad_ckpt]
+    cases = [
+        Case(r, b, g, precision=p)
+        for r in baselines
+        for b in batch_sizes
+        for g in grad_ckpt
+        for p in (precisions if r == "baseline" else precisions[:1])
+    ]
     for b in batch_sizes:
         for g in grad_ckpt:
             for mode in compile_modes:

@@ -23,12 +23,22 @@ TABLE_COLUMNS = (
 )
 
 
+def like_for_like(row: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether two rows differ only in their recipe.
+
+    The same batch, gradient checkpointing, precision (as run) and compile mode (the baselines
+    never compile).
+    """
+    keys = ("batch_size", "grad_ckpt", "precision")
+    return all(row.get(k) == other.get(k) for k in keys) and (
+        row.get("compile_mode") or "none"
+    ) == (other.get("compile_mode") or "none")
+
+
 def _match(rows: Sequence[dict[str, Any]], recipe: str, row: dict[str, Any]) -> dict | None:
-    """The ``recipe`` row with the same batch size and grad ckpt, else the same batch size."""
+    """The measured ``recipe`` row like ``row`` in all but the recipe, if there is one."""
     measured = [r for r in rows if r.get("recipe") == recipe and r.get("samples_per_s")]
-    same_batch = [r for r in measured if r["batch_size"] == row["batch_size"]]
-    exact = [r for r in same_batch if r["grad_ckpt"] == row["grad_ckpt"]]
-    return (exact or same_batch or [None])[0]
+    return next((r for r in measured if like_for_like(r, row)), None)
 
 
 def attach_ratios(rows: list[dict[str, Any]]) -> None:
@@ -36,9 +46,11 @@ def attach_ratios(rows: list[dict[str, Any]]) -> None:
 
     For an ``ours`` row, ``ratio_to_baseline = ours.samples_per_s / baseline.samples_per_s`` (the
     project's implementation of diffusers' recipe) and ``ratio_to_reference`` likewise against the
-    shared reference file, each matched by batch size and gradient checkpointing (else batch
-    size). A ``baseline`` row gets ``ratio_to_reference``: the two implementations of the same
-    recipe should be close to 1.
+    shared reference file, each only against a row of the same batch size, gradient
+    checkpointing, precision and compile mode (:func:`like_for_like`): a ratio between unlike
+    cases measures the difference, not the trainer, so it is left blank (``None``). A
+    ``baseline`` row gets ``ratio_to_reference``: the two implementations of the same recipe
+    should be close to 1.
     """
     for row in rows:
         if not row.get("samples_per_s"):

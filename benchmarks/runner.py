@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from benchmarks import baseline, models, report
-from benchmarks.cases import Case, grid_cases, parse_case
+from benchmarks.cases import REFERENCE_PRECISION, Case, effective_precision, grid_cases, parse_case
 from benchmarks.e2e import run_e2e
 from benchmarks.timers import (
     PhaseTimer,
@@ -171,6 +171,9 @@ class Bench:
             steps=self.steps,
             warmup=self.warmup,
             device=self.device,
+            settings=baseline.RecipeSettings(
+                mixed_precision=baseline.recipe_precision(case.precision, self.device)
+            ),
         )
         losses = out.pop("losses")
         return {
@@ -446,7 +449,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": case.batch_size,
             "grad_ckpt": case.grad_ckpt,
             "compile_mode": None if case.recipe in ("baseline", "reference") else case.compile_mode,
-            "precision": None if case.recipe in ("baseline", "reference") else case.precision,
+            # as run: the reference has a fixed one, Lightning runs 16-mixed as bf16 on a CPU
+            "precision": (
+                REFERENCE_PRECISION[device]
+                if case.recipe == "reference"
+                else effective_precision(case.precision, device)
+            ),
         }
         elapsed = time.perf_counter() - started
         need = estimate_s(case, rows, bench)

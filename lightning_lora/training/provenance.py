@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["package_versions", "write_run_info"]
+__all__ = ["compute_conditions", "package_versions", "write_run_info"]
 
 
 def package_versions() -> dict[str, str]:
@@ -32,6 +33,26 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             found[name] = "unknown"
     return found
+
+
+def compute_conditions() -> dict[str, object]:
+    """What a byte-identical reproduction needs besides the config, seed, data and versions.
+
+    PyTorch splits a reduction into as many partial sums as it has threads, so another thread
+    count adds the same numbers in another order: the same run's LoRA tensors then differ in
+    their last bits (and grow apart over the steps). The hardware (CPU features, GPU model) picks
+    the kernels too.
+    """
+    conditions: dict[str, object] = {
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+    }
+    if torch.cuda.is_available():
+        conditions["cuda_device"] = torch.cuda.get_device_name()
+    return conditions
 
 
 def _git_commit() -> str | None:
@@ -61,5 +82,10 @@ def write_run_info(
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    info = {"versions": package_versions(), "git_commit": _git_commit(), **(precision or {})}
+    info = {
+        "versions": package_versions(),
+        "git_commit": _git_commit(),
+        "compute": compute_conditions(),
+        **(precision or {}),
+    }
     (output_dir / "run_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")

@@ -13,6 +13,7 @@ The speed features the benchmark measures are tested where they live:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -27,6 +28,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from benchmarks import baseline, bench, models, report
+from benchmarks.cases import effective_precision, grid_cases
 from lightning_lora.training.models import load_components
 
 pytestmark = pytest.mark.slow  # compiles and trains: make test, not make test-fast
@@ -79,7 +81,8 @@ def test_bench_runs_in_a_clone_without_the_shared_reference(
             assert _positive(row[key]), (row["case"], key, row[key])
         assert row["samples_per_s"] == pytest.approx(row["batch_size"] / row["step_s"])
         assert row["mfu"] == pytest.approx(row["achieved_tflops"] / 1.0)
-    assert math.isfinite(base["final_loss"]) and base["precision"] == "bf16-mixed"
+    assert math.isfinite(base["final_loss"])
+    assert base["precision"] == ours["precision"] == "32-true"  # the CPU default, on both sides
     assert ours["ratio_to_baseline"] == pytest.approx(ours["samples_per_s"] / base["samples_per_s"])
     assert ours["baseline_case"] == base["case"] and ours["ratio_to_reference"] is None
     assert _positive(ours["prepare_s"]) and _positive(ours["run_wall_s"])
@@ -92,6 +95,49 @@ def test_bench_runs_in_a_clone_without_the_shared_reference(
     assert base["case"] in text and ours["case"] in text and "skipped" not in header
     assert f"{ours['ratio_to_baseline']:.2f}x" in text
     assert "no sd15_lora_reference.py" in text
+
+
+def test_a_ratio_is_only_between_cases_that_differ_in_the_recipe_alone() -> None:
+    """Precision, batch, checkpointing and compilation must match, else the ratio is blank."""
+
+    def row(recipe: str, sps: float, **changes: object) -> dict:
+        base = {"batch_size": 4, "grad_ckpt": True, "precision": "bf16-mixed"}
+        compile_mode = None if recipe in ("baseline", "reference") else "none"
+        return {
+            "recipe": recipe,
+            "case": f"{recipe}{changes}",
+            "samples_per_s": sps,
+            "compile_mode": compile_mode,
+            **base,
+            **changes,
+        }
+
+    unlike = [
+        {"precision": "32-true"},
+        {"batch_size": 2},
+        {"grad_ckpt": False},
+        {"compile_mode": "regional"},
+    ]
+    for change in unlike:
+        rows = [row("baseline", 10.0), row("ours", 20.0, **change)]
+        report.attach_ratios(rows)
+        assert rows[1]["ratio_to_baseline"] is None, change
+        assert rows[1]["baseline_case"] is None
+    rows = [row("baseline", 10.0, precision="32-true"), row("baseline", 8.0), row("ours", 20.0)]
+    report.attach_ratios(rows)
+    assert rows[2]["ratio_to_baseline"] == 2.5 and rows[2]["baseline_case"] == rows[1]["case"]
+    assert "| 2.50x |" in report.format_table(rows)
+    # the grid gives every uncompiled ours row its like baseline
+    cases = grid_cases([2, 4], [False, True], ["none", "regional"], ["32-true", "bf16-mixed"])
+    ours = [c for c in cases if c.recipe == "ours" and c.compile_mode == "none"]
+    labels = {c.label for c in cases if c.recipe == "baseline"}
+    for case in ours:
+        twin = dataclasses.replace(case, recipe="baseline")
+        assert twin.label in labels, case.label
+    assert effective_precision("16-mixed", "cpu") == "bf16-mixed"
+    assert effective_precision("16-mixed", "cuda") == "16-mixed"
+    assert baseline.recipe_precision("32-true", "cpu") == "no"
+    assert baseline.recipe_precision("16-mixed", "cuda") == "fp16"
 
 
 def test_the_bench_runs_from_the_repository_and_is_not_installed() -> None:

@@ -49,9 +49,12 @@ def test_header_keys_are_sorted_and_content_is_unchanged(tmp_path: Path) -> None
         assert f.metadata() == {**meta, "key_0": "zero"}
 
 
-def _train_in_subprocess(run_dir: Path, hash_seed: str, ll_cache: Path, demo_images: Path) -> None:
+def _train_in_subprocess(
+    run_dir: Path, hash_seed: str, ll_cache: Path, demo_images: Path, threads: int = 2
+) -> None:
     env = {
         **os.environ,
+        "OMP_NUM_THREADS": str(threads),  # the guarantee's condition: the same thread count
         "PYTHONPATH": str(REPO),  # this checkout's code, also in the child
         "PYTHONHASHSEED": hash_seed,  # a different hash order in each process
         "LIGHTNING_LORA_CACHE": str(ll_cache),
@@ -91,3 +94,7 @@ def test_two_runs_in_separate_processes_give_byte_identical_files(
         assert list(header["__metadata__"]) == sorted(header["__metadata__"])
         digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (a, b)]
         assert digests[0] == digests[1], name
+    # the conditions of the guarantee are recorded with each run
+    infos = [json.loads((run / "run_info.json").read_text()) for run in runs]
+    assert infos[0]["compute"] == infos[1]["compute"]
+    assert infos[0]["compute"]["torch_threads"] == 2
