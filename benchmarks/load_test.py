@@ -126,9 +126,14 @@ class LoadResult:
         )
 
     @property
-    def kept_its_resources(self) -> bool:
-        """No worker ended with more threads or open descriptors than it had warm."""
-        warm, end = self.resources.get("warm", []), self.resources.get("end", [])
+    def kept_its_resources(self) -> bool | None:
+        """No worker ended with more threads or open descriptors than it had warm.
+
+        ``None`` without a warm sample (a plain load run takes none: only the soak does).
+        """
+        warm, end = self.resources.get("warm"), self.resources.get("end")
+        if not warm or not end:
+            return None
         return all(
             e["threads"] <= w["threads"] and e["fds"] <= w["fds"]
             for w, e in zip(warm, end, strict=True)
@@ -142,7 +147,7 @@ class LoadResult:
             and self.queue_depth == 0
             and self.dlq_depth == self.failing + self.reported + self.silent
             and all(code == 0 for code in self.worker_exit_codes)
-            and self.kept_its_resources
+            and self.kept_its_resources is not False
         )
 
     @property

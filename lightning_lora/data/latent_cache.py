@@ -105,7 +105,7 @@ class MemoryLatentStore:
             names = entries[indices[0]].keys()
             self.tensors[shape] = {n: torch.stack([entries[i][n] for i in indices]) for n in names}
             self.rows.update({index: (shape, row) for row, index in enumerate(indices)})
-        self.text_ids = None if text_ids is None else torch.as_tensor(list(text_ids))
+        self.text_ids = None if text_ids is None else [int(i) for i in text_ids]
         self.text_embeds = text_embeds
 
     def gather(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -118,7 +118,7 @@ class MemoryLatentStore:
         rows = _index([self.rows[i][1] for i in indices], device)
         out = {name: t.index_select(0, rows) for name, t in tensors.items()}
         if self.text_embeds is not None and self.text_ids is not None:
-            ids = _index(self.text_ids[list(indices)].tolist(), self.text_embeds.device)
+            ids = _index([self.text_ids[i] for i in indices], self.text_embeds.device)
             out["text_embeds"] = self.text_embeds.index_select(0, ids)
         return out
 
