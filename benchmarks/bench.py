@@ -16,6 +16,7 @@ matrix rate (``--peak-tflops``; 790 TFLOP/s, the bf16 rate measured on this proj
 Examples::
 
     python -m benchmarks                                # CUDA: SD1.5 shapes, b4 and b16
+    python -m benchmarks --repeat 3                     # CPU: tiny, b2/b4, gc off/on, pairs
     python -m benchmarks --tiny --batch-sizes 2 --steps 3 --warmup 1 --json bench.json
     python -m benchmarks --case base:4:gc --case ours:4:gc --case ours:4:regional
         --case job:4:regional:images=20:epochs=100 --json bench.json   # (one line)
@@ -48,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--case", action="append", default=[], help="a case spec (repeatable)")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="grid: batch sizes")
-    p.add_argument("--grad-ckpt", nargs="+", default=["off"], choices=["on", "off"])
+    p.add_argument(
+        "--grad-ckpt",
+        nargs="+",
+        choices=["on", "off"],
+        help="grid: gradient checkpointing (default: off on CUDA, off and on on CPU)",
+    )
     p.add_argument("--compile", nargs="+", default=["none"], choices=COMPILE_MODES)
     p.add_argument(
         "--precision",
@@ -64,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="pixels (default 512, tiny 64)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=5, help="warm-up steps per case")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds over all the cases; each row is its case's median run",
+    )
     p.add_argument("--audit-steps", type=int, default=5, help="sync-audit steps (CUDA)")
     p.add_argument("--steps-per-epoch", type=int, default=5, help="images = batch * this")
     p.add_argument("--peak-tflops", type=float, help="device matrix rate for MFU")

@@ -147,7 +147,7 @@ def run_e2e(workdir: Path, cuda: bool, epochs: int = 10, images: int = 8) -> dic
 
         from lightning_lora.worker.app import TrainingWorker, split_config
         from lightning_lora.worker.cli import compose_worker_config
-        from lightning_lora.worker.consumer import Delivery
+        from lightning_lora.worker.deliveries import Delivery
         from lightning_lora.worker.settings import load_settings
 
         if str(REPO_ROOT) not in sys.path:  # the receiver lives in the repository's tests

@@ -51,7 +51,7 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 
 from benchmarks import baseline  # noqa: E402
 from benchmarks.models import build_model_folder  # noqa: E402
-from benchmarks.runner import NO_CHECKPOINTS  # noqa: E402
+from benchmarks.runner import NO_CHECKPOINTS, RECIPE_LORA  # noqa: E402
 
 #: Tensor methods that copy a value to the host (a device sync on a GPU).
 HOST_READS = frozenset(
@@ -60,28 +60,47 @@ HOST_READS = frozenset(
 
 
 class HostReads(TorchFunctionMode):
-    """Counts the calls that read tensor values on the host, by the package that made them."""
+    """Counts the calls that read tensor values on the host, by the package that made them.
 
-    def __init__(self) -> None:
+    Args:
+        sites: Also count them by ``file:line`` of the caller (``--sites``), to find each one.
+    """
+
+    def __init__(self, sites: bool = False) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.sites: Counter[str] | None = Counter() if sites else None
         self.on = False
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = getattr(func, "__name__", "")
         if self.on and name in HOST_READS:
-            self.counts[f"{_caller()}:{name}"] += 1
+            frame = _caller_frame()
+            self.counts[f"{_package(frame)}:{name}"] += 1
+            if self.sites is not None and frame is not None:
+                site = f"{_short(frame.f_code.co_filename)}:{frame.f_lineno}:{name}"
+                self.sites[site] += 1
         return func(*args, **(kwargs or {}))
 
 
-def _caller() -> str:
-    """The package of the first frame outside torch's dispatch (``torch.optim``, ``lightning``)."""
+def _short(path: str) -> str:
+    path = path.replace("\\", "/")
+    return path.split("site-packages/", 1)[-1] if "site-packages/" in path else path
+
+
+def _caller_frame() -> Any:
+    """The first frame outside torch's dispatch."""
     frame = sys._getframe(2)
     while frame is not None:
         path = frame.f_code.co_filename.replace("\\", "/")
         if not any(part in path for part in ("torch/overrides", "torch/_tensor", "torch/utils/")):
             break
         frame = frame.f_back
+    return frame
+
+
+def _package(frame: Any) -> str:
+    """The package of a frame (``torch.optim``, ``lightning``, ``lightning_lora``...)."""
     if frame is None:
         return "?"
     path = frame.f_code.co_filename.replace("\\", "/")
@@ -156,7 +175,14 @@ class _Window(L.Callback):
 
 
 def profile_ours(
-    model: Path, images: Path, batch: int, grad_ckpt: bool, precision: str, warmup: int, steps: int
+    model: Path,
+    images: Path,
+    batch: int,
+    grad_ckpt: bool,
+    precision: str,
+    warmup: int,
+    steps: int,
+    sites: bool = False,
 ) -> dict[str, Any]:
     """Profile our real ``train(cfg)`` step (the bench's overrides, no checkpoints)."""
     from lightning_lora.config import compose_config
@@ -176,6 +202,7 @@ def profile_ours(
         "trainer.max_epochs=100000",
         "validation.every_n_epochs=100000",
         *NO_CHECKPOINTS,
+        *RECIPE_LORA,
         "seed=0",
     ]
 
@@ -195,7 +222,7 @@ def profile_ours(
 
     timed = _Window(warmup, steps)
     run(timed, None)
-    reads = HostReads()
+    reads = HostReads(sites)
     run(_Window(warmup, steps, reads), reads)
     labels = ["training_step", "unet", "backward", "clip", "zero_grad", "callbacks", "logging"]
     parts = _parts(timed.prof, [*labels, "Optimizer.step#AdamW.step"], steps)
@@ -205,7 +232,7 @@ def profile_ours(
     parts["optimizer"] = max(0.0, parts.pop("Optimizer.step#AdamW.step") - closure)
     inside = parts["training_step"] + parts["backward"] + parts["clip"] + parts["zero_grad"]
     parts["lightning"] = step_ms - inside - parts["optimizer"] - parts["callbacks"]
-    return {"step_ms": step_ms, "parts_ms": parts, "host_reads_per_step": _per_step(reads, steps)}
+    return {"step_ms": step_ms, "parts_ms": parts, **_per_step(reads, steps)}
 
 
 @contextlib.contextmanager
@@ -244,12 +271,24 @@ def _callback_ranges() -> Iterator[None]:
         call._call_callback_hooks = original
 
 
-def _per_step(reads: HostReads, steps: int) -> dict[str, float]:
-    return {name: n / steps for name, n in sorted(reads.counts.items())}
+def _per_step(reads: HostReads, steps: int) -> dict[str, Any]:
+    """``host_reads_per_step`` (by package), and ``host_read_sites`` (by line) with ``--sites``."""
+    out: dict[str, Any] = {
+        "host_reads_per_step": {name: n / steps for name, n in sorted(reads.counts.items())}
+    }
+    if reads.sites is not None:
+        out["host_read_sites"] = {site: n / steps for site, n in reads.sites.most_common()}
+    return out
 
 
 def profile_recipe(
-    model: Path, batch: int, grad_ckpt: bool, precision: str, warmup: int, steps: int
+    model: Path,
+    batch: int,
+    grad_ckpt: bool,
+    precision: str,
+    warmup: int,
+    steps: int,
+    sites: bool = False,
 ) -> dict[str, Any]:
     """Profile the recipe's step (``DiffusersLoRAStep``) on the same model and batch."""
     from lightning_lora.training.models import load_components
@@ -296,14 +335,14 @@ def profile_recipe(
                 return prof, time.perf_counter() - start
 
     prof, wall = run(None)
-    reads = HostReads()
+    reads = HostReads(sites)
     run(reads)
     labels = ["vae", "text_encoder", "unet", "backward", "clip", "zero_grad"]
     parts = _parts(prof, [*labels, "Optimizer.step#AdamW.step"], steps)
     parts["optimizer"] = parts.pop("Optimizer.step#AdamW.step")
     step_ms = 1000.0 * wall / steps
     parts["loop"] = step_ms - sum(parts.values())
-    return {"step_ms": step_ms, "parts_ms": parts, "host_reads_per_step": _per_step(reads, steps)}
+    return {"step_ms": step_ms, "parts_ms": parts, **_per_step(reads, steps)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--sites", action="store_true", help="also count host reads by line")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
@@ -323,8 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_lora.demo.images import make_demo_images
 
     images = make_demo_images(work / "images", count=args.batch * 5, size=64)
-    recipe = profile_recipe(model, args.batch, args.gc, args.precision, args.warmup, args.steps)
-    ours = profile_ours(model, images, args.batch, args.gc, args.precision, args.warmup, args.steps)
+    common = (args.batch, args.gc, args.precision, args.warmup, args.steps, args.sites)
+    recipe = profile_recipe(model, *common)
+    ours = profile_ours(model, images, *common)
     doc = {
         "batch": args.batch,
         "grad_ckpt": args.gc,

@@ -65,6 +65,20 @@ def attach_ratios(rows: list[dict[str, Any]]) -> None:
             )
 
 
+def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One case's row from its runs: the run of median s/step, with every run's s/step.
+
+    A single run is returned as it is.
+    """
+    if len(runs) == 1:
+        return runs[0]
+    timed = sorted((r for r in runs if r.get("step_s")), key=lambda r: r["step_s"])
+    chosen = dict(timed[(len(timed) - 1) // 2] if timed else runs[-1])
+    chosen["runs_step_s"] = [r.get("step_s") for r in runs]
+    chosen["runs"] = len(runs)
+    return chosen
+
+
 def attach_mfu(rows: list[dict[str, Any]], flops: float | None, peak_tflops: float | None) -> None:
     """Model FLOPs utilisation: ``flops_per_sample * samples_per_s / peak``."""
     for row in rows:

@@ -64,6 +64,15 @@ MEASURED_PEAK_TFLOPS = {"H200": 790.0}
 #: No per-epoch checkpoints (without a ModelCheckpoint, Lightning would add its own).
 NO_CHECKPOINTS = ("~callbacks.model_checkpoint", "++trainer.enable_checkpointing=false")
 
+# the recipe's LoRA in our runs: rank and alpha as baseline.RecipeSettings, and no dropout (the
+# recipe's LoraConfig has none; the project's 0.1 costs a mask per LoRA input), so that a pair
+# differs in the trainer alone
+RECIPE_LORA = (
+    f"lora.rank={baseline.RecipeSettings.rank}",
+    f"lora.alpha={baseline.RecipeSettings.alpha}",
+    "lora.dropout=0",
+)
+
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
@@ -152,6 +161,7 @@ class Bench:
             f"module.compile_mode={case.compile_mode}",
             f"module.channels_last={str(self.cuda).lower()}",
             f"module.optimizer.fused={'true' if fused else 'null'}",
+            *RECIPE_LORA,
             "seed=0",
         ]
         if case.compile_mode != "none":
@@ -353,9 +363,11 @@ def _cases(args: argparse.Namespace, device: str, precisions: list[str]) -> list
     baselines = [] if args.no_baseline else ["baseline"]
     if not args.no_reference and baseline.reference_path() is not None:
         baselines.append("reference")
+    # the CPU default is like-for-like pairs: batch 2 and 4, with and without checkpointing
+    grad_ckpt = args.grad_ckpt or (["off"] if device == "cuda" else ["off", "on"])
     return grid_cases(
-        args.batch_sizes or ([4, 16] if device == "cuda" else [2]),
-        [{"on": True, "off": False}[g] for g in args.grad_ckpt],
+        args.batch_sizes or ([4, 16] if device == "cuda" else [2, 4]),
+        [{"on": True, "off": False}[g] for g in grad_ckpt],
         args.compile,
         precisions,
         baselines,
@@ -442,7 +454,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             text = doc["table"] + ("\n\n" + doc["jobs_table"] if doc["jobs_table"] else "")
             Path(args.table).write_text(text + "\n", encoding="utf-8")
 
-    for case in cases:
+    def measure(case: Case, run: int) -> dict[str, Any]:
         row: dict[str, Any] = {
             "case": case.label,
             "recipe": case.recipe,
@@ -461,12 +473,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.budget_s and elapsed + need > args.budget_s:
             row["skipped"] = f"time budget: {elapsed:.0f}s used, ~{need:.0f}s needed"
             log.warning("skipping %s (%s)", case.label, row["skipped"])
-            rows.append(row)
-            save()
-            continue
+            return row
         if case.compile_mode != "none" and args.reset_compile and case.recipe == "ours":
             torch._dynamo.reset()  # a clean compile per compiled case (see --reuse-compile)
-        print(f"[bench] {case.label} ...", file=sys.stderr, flush=True)
+        print(f"[bench] {case.label} (run {run}) ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         try:
             row.update(bench.run_case(case))
@@ -477,9 +487,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise
         row["case_wall_s"] = time.perf_counter() - t0
         row["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
-        rows.append(row)
         print(f"[bench] {case.label}: {report.summary(row)}", file=sys.stderr, flush=True)
-        save()
+        return row
+
+    # --repeat N: every case once per round, N rounds (drift of the machine's load falls on all
+    # cases alike); each case's row is its median run, with every run's s/step beside it
+    runs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(cases))}
+    for run in range(1, max(1, args.repeat) + 1):
+        for index, case in enumerate(cases):
+            runs[index].append(measure(case, run))
+            rows[:] = [report.median_run(found) for found in runs.values() if found]
+            save()
 
     if args.e2e:
         doc["e2e"] = run_e2e(bench.workdir, bench.cuda, epochs=args.e2e_epochs)

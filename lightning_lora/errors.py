@@ -18,6 +18,7 @@ __all__ = [
     "DownloadError",
     "InvalidImageError",
     "InvalidMessageError",
+    "JobCancelledError",
     "JobCrashedError",
     "JobInterrupted",
     "LightningLoraError",
@@ -81,6 +82,16 @@ class JobInterrupted(LightningLoraError):
     error_code = "INTERRUPTED"
 
 
+class JobCancelledError(LightningLoraError):
+    """The backend cancelled the job's style: the job stops, reports once and is acknowledged.
+
+    A failure the backend asked for: one ``failed`` webhook with ``error_code: "CANCELLED"``,
+    and the message is acknowledged (not dead-lettered: there is nothing to retry).
+    """
+
+    error_code = "CANCELLED"
+
+
 class JobCrashedError(LightningLoraError):
     """A job reached the redelivery limit (it crashed or stalled workers repeatedly)."""
 
@@ -131,11 +142,14 @@ class Disposition:
             otherwise the job failed and gets one failure report.
         error_code: The failure code to report (``None`` when requeued).
         error: The project error that decided, if the chain has one.
+        dead_letter: A failed job's message goes to the dead-letter queue (for an operator to
+            look at); ``False`` for a cancelled job, whose message is simply acknowledged.
     """
 
     requeue: bool
     error_code: str | None
     error: LightningLoraError | None
+    dead_letter: bool = True
 
 
 def disposition_of(exc: BaseException) -> Disposition:
@@ -144,8 +158,8 @@ def disposition_of(exc: BaseException) -> Disposition:
     The first :class:`LightningLoraError` of the chain (:func:`project_error`) decides: a
     :class:`JobInterrupted` or :class:`StorageUnavailableError` requeues the job (also when
     another error was raised while handling it: S3 being down caused it), any other fails it with
-    its ``error_code``. An exception with no project error in its chain fails the job as
-    ``TRAINING_FAILED``.
+    its ``error_code``; a :class:`JobCancelledError` fails it without dead-lettering. An
+    exception with no project error in its chain fails the job as ``TRAINING_FAILED``.
 
     Args:
         exc: What ended the job.
@@ -157,4 +171,5 @@ def disposition_of(exc: BaseException) -> Disposition:
     if isinstance(error, _REQUEUED):
         return Disposition(requeue=True, error_code=None, error=error)
     code = error.error_code if error is not None else LightningLoraError.error_code
-    return Disposition(requeue=False, error_code=code, error=error)
+    cancelled = isinstance(error, JobCancelledError)
+    return Disposition(requeue=False, error_code=code, error=error, dead_letter=not cancelled)

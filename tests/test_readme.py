@@ -376,11 +376,14 @@ def check_train_line(command: Command) -> int:
 
 
 def check_enqueue_line(command: Command) -> dict[str, Any]:
-    """Build and validate the job an enqueue line would publish (without publishing it)."""
+    """Build and validate the job (or cancel) an enqueue line would publish, without publishing."""
+    from lightning_lora.clients.contract import check_style_id
     from lightning_lora.worker.enqueue import build_parser, job_from_args
     from lightning_lora.worker.messages import parse_job
 
     args = build_parser().parse_args(list(command.args))
+    if args.cancel is not None:
+        return {"cancel": check_style_id(args.cancel)}
     job = job_from_args(args)
     parse_job(json.dumps(job).encode("utf-8"), max_images=args.max_images)
     return job
@@ -572,7 +575,7 @@ def test_enqueue_line_builds_a_valid_job(
     (tmp_path / "job.json").write_text(_readme_block("json", '"style_id"'), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     job = check_enqueue_line(command)
-    assert job["style_id"] and job["image_urls"] and job["webhook_url"]
+    assert job.get("cancel") or (job["style_id"] and job["image_urls"] and job["webhook_url"])
 
 
 def test_readme_message_is_a_valid_job() -> None:

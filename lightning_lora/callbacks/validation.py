@@ -38,7 +38,8 @@ class ValidationCallback(L.Callback):
         Args:
             samples_dir: Where ``epoch_XXXX.png`` grids go.
             every_n_epochs: Validation period in epochs (the last epoch is always validated).
-            prompts: Prompts of the sample grid; none means no grid.
+            prompts: Prompts of the sample grid; none means no grid. ``{token}`` in a prompt is
+                replaced by the run's style token (:meth:`use_token`).
             num_inference_steps: Denoising steps per sample.
             guidance_scale: Classifier-free guidance scale.
             seed: Seed of the samples' noise (fixed, so grids are comparable across epochs).
@@ -52,6 +53,14 @@ class ValidationCallback(L.Callback):
         self.seed = seed
         self.resolution = resolution
         self.last_grid: Path | None = None
+
+    def use_token(self, token: str) -> None:
+        """Put the run's style token in place of ``{token}`` in the prompts.
+
+        The token is literal text (a job's ``style_token``): it is substituted, never formatted
+        or interpolated, so braces or ``${...}`` in it stay as they are.
+        """
+        self.prompts = [prompt.replace("{token}", token) for prompt in self.prompts]
 
     def _due(self, trainer: L.Trainer) -> bool:
         epoch = trainer.current_epoch + 1

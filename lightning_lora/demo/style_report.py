@@ -77,6 +77,10 @@ class StyleReportCallback(L.Callback):
         self.loss_curve_path: Path | None = None
         self._losses: list[torch.Tensor] = []
 
+    def use_token(self, token: str) -> None:
+        """Put the run's style token in place of ``{token}`` in the prompts (as validation does)."""
+        self.prompts = [prompt.replace("{token}", token) for prompt in self.prompts]
+
     @override
     def on_train_batch_end(
         self,

@@ -11,6 +11,7 @@ The final LoRA keys are the backend contract; everything else is the worker's ow
   (``If-None-Match: *``); whoever creates it is the one worker that reports the run;
 * ``checkpoints/style_{id}/_jobs/{job_key}.json``: the newest run (generation) of a job key, so
   a redelivery finds its run and a new publication of the same body starts a new one;
+* ``checkpoints/style_{id}/_cancel.json``: the style's newest cancel (which of its runs it stops);
 * ``outbox/style_{id}/{run_id}.json``: a terminal webhook not yet acknowledged by the backend.
 """
 
@@ -23,6 +24,7 @@ from lightning_lora.clients.contract import check_style_id
 
 __all__ = [
     "OUTBOX_PREFIX",
+    "cancel_key",
     "check_run_id",
     "checkpoint_prefix",
     "job_key_for",
@@ -85,6 +87,11 @@ def job_pointer_key(style_id: int, job_key: str) -> str:
     return f"{checkpoint_prefix(style_id)}{_JOBS_FOLDER}/{check_run_id(job_key)}.json"
 
 
+def cancel_key(style_id: int) -> str:
+    """The style's newest cancel record."""
+    return f"{checkpoint_prefix(style_id)}_cancel.json"
+
+
 def outbox_key(style_id: int, run_id: str) -> str:
     """A pending terminal webhook of a run."""
     return f"{OUTBOX_PREFIX}style_{check_style_id(style_id)}/{check_run_id(run_id)}.json"
@@ -120,3 +127,16 @@ def run_id_for(job_key: str, generation: int) -> str:
     if len(run_id) > 80:
         run_id = "run-" + hashlib.sha256(run_id.encode()).hexdigest()[:32]
     return check_run_id(run_id)
+
+
+def samples_key(style_id: int) -> str:
+    """The final sample grid (when the job had prompts): ``models/style_{id}/samples.png``."""
+    return f"models/style_{check_style_id(style_id)}/samples.png"
+
+
+def model_card_key(style_id: int) -> str:
+    """The model card beside the LoRA: ``models/style_{id}/README.md``."""
+    return f"models/style_{check_style_id(style_id)}/README.md"
+
+
+__all__ += ["model_card_key", "samples_key"]

@@ -17,7 +17,10 @@ It
 3. runs :func:`lightning_lora.training.run.train`, unless ``finished`` already holds this run's
    exported LoRA (a job requeued after the upload could not reach S3 keeps it);
 4. uploads the diffusers LoRA to ``models/style_{id}/lora_weights.safetensors`` and the kohya
-   file to ``models/style_{id}/lora_kohya.safetensors`` (:func:`upload_final_lora`);
+   file to ``models/style_{id}/lora_kohya.safetensors`` (:func:`upload_final_lora`), the final
+   sample grid to ``models/style_{id}/samples.png`` when the run drew one (:func:`upload_samples`:
+   best effort, a failure is a warning) and the model card to ``models/style_{id}/README.md``
+   (:func:`upload_model_card`);
 5. reports the completion through the job's :class:`~lightning_lora.jobs.report.JobReport`
    with metadata from the run's config and counters (:func:`completion_metadata`).
 
@@ -34,7 +37,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import lightning as L
@@ -44,10 +47,17 @@ from lightning_lora.callbacks.progress import ProgressCallback
 from lightning_lora.callbacks.s3_checkpoint import S3CheckpointCallback, find_resume_checkpoint
 from lightning_lora.clients.storage import S3Storage
 from lightning_lora.config import partial_at
-from lightning_lora.errors import UploadError
-from lightning_lora.jobs.layout import checkpoint_prefix, kohya_key, model_key
+from lightning_lora.errors import StorageUnavailableError, UploadError
+from lightning_lora.jobs.layout import (
+    checkpoint_prefix,
+    kohya_key,
+    model_card_key,
+    model_key,
+    samples_key,
+)
 from lightning_lora.jobs.report import JobReport
 from lightning_lora.lora.export import LoraFiles
+from lightning_lora.lora.model_card import SAMPLES_NAME, render_model_card, write_model_card
 from lightning_lora.training.run import TrainResult, train
 from lightning_lora.version import __version__
 
@@ -57,6 +67,8 @@ __all__ = [
     "report_completion",
     "run_reported_training",
     "upload_final_lora",
+    "upload_model_card",
+    "upload_samples",
 ]
 
 log = logging.getLogger(__name__)
@@ -103,6 +115,88 @@ def upload_final_lora(
     return model_url, kohya_url
 
 
+def upload_samples(storage: S3Storage, style_id: int, result: TrainResult) -> str | None:
+    """Upload the final sample grid to ``models/style_{id}/samples.png``, if the run drew one.
+
+    The samples never fail a trained job: a failed upload is a warning and gives no URL. Only
+    S3 being unreachable for the whole retry budget
+    (:class:`~lightning_lora.errors.StorageUnavailableError`) is raised, so the job is requeued
+    (not failed) and its redelivery uploads the kept LoRA and the samples without training again.
+    A run without samples deletes an older job's grid of the style (best effort), so no stale
+    grid stands beside the new LoRA.
+
+    Args:
+        storage: The bucket.
+        style_id: The style trained.
+        result: The finished run (``result.lora`` set: rank zero).
+
+    Returns:
+        The ``s3://`` URL of the uploaded grid, or ``None`` (no samples, or the upload failed).
+    """
+    grid = _samples_file(result)
+    key = samples_key(style_id)
+    try:
+        if grid is None:
+            storage.delete_keys([key])
+            return None
+        return storage.upload_file(grid, key, {"style_id": style_id, "format": "png"})
+    except StorageUnavailableError:
+        raise
+    except Exception as exc:
+        what = "uploaded" if grid is not None else "cleared"
+        log.warning(
+            "style %s: samples not %s (the job goes on without them): %s", style_id, what, exc
+        )
+        return None
+
+
+def _samples_file(result: TrainResult) -> Path | None:
+    if result.lora is None:
+        return None
+    grid = result.lora.samples or result.lora.folder / SAMPLES_NAME
+    return grid if grid.is_file() else None
+
+
+def upload_model_card(
+    storage: S3Storage,
+    style_id: int,
+    result: TrainResult,
+    *,
+    with_samples: bool,
+    with_kohya: bool,
+) -> str:
+    """Write the model card of the delivered files and upload it to ``models/style_{id}/README.md``.
+
+    The card is rendered again from the run's metadata for the bucket: it names the files as
+    they are stored there (``lora_weights.safetensors``, ``lora_kohya.safetensors``) and links
+    ``samples.png`` only when that upload succeeded. It is written to
+    ``{output_dir}/delivery/README.md``; the run's own card stays in ``lora/``.
+
+    Args:
+        storage: The bucket.
+        style_id: The style trained.
+        result: The finished run.
+        with_samples: Whether ``samples.png`` was uploaded beside it.
+        with_kohya: Whether the kohya file was uploaded beside it.
+
+    Returns:
+        The card's ``s3://`` URL.
+
+    Raises:
+        UploadError: The upload failed (the card is delivered with the model, like the kohya file).
+    """
+    text = render_model_card(
+        result.metadata,
+        trigger=result.metadata.get("lightning_lora_trigger"),
+        prompts=result.sample_prompts if with_samples else (),
+        samples=SAMPLES_NAME if with_samples else None,
+        diffusers_weight_name=PurePosixPath(model_key(style_id)).name,
+        kohya_weight_name=PurePosixPath(kohya_key(style_id)).name if with_kohya else None,
+    )
+    card = write_model_card(Path(result.output_dir) / "delivery", text)
+    return storage.upload_file(card, model_card_key(style_id), {"style_id": style_id})
+
+
 def _number(value: Any) -> int | float | None:
     if value is None:
         return None
@@ -124,7 +218,7 @@ def completion_metadata(
     Args:
         cfg: The run's config.
         result: What :func:`~lightning_lora.training.run.train` returned.
-        extra: More entries (e.g. ``kohya_url``), added last.
+        extra: More entries (``kohya_url``, ``samples_url``, ``model_card_url``), added last.
 
     Returns:
         ``training_epochs``, ``lora_rank``, ``lora_alpha`` (the contract's keys) and
@@ -210,7 +304,14 @@ def _finished_lora(run_dir: Path) -> tuple[LoraFiles, dict[str, Any]] | None:
     try:
         saved = json.loads(marker.read_text(encoding="utf-8"))
         kohya = Path(saved["kohya"]) if saved["kohya"] is not None else None  # None: DoRA
-        files = LoraFiles(Path(saved["folder"]), Path(saved["diffusers"]), kohya)
+        samples, card = saved.get("samples"), saved.get("card")
+        files = LoraFiles(
+            Path(saved["folder"]),
+            Path(saved["diffusers"]),
+            kohya,
+            card=Path(card) if card else None,
+            samples=Path(samples) if samples else None,
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not files.diffusers.is_file() or (files.kohya is not None and not files.kohya.is_file()):
@@ -219,7 +320,10 @@ def _finished_lora(run_dir: Path) -> tuple[LoraFiles, dict[str, Any]] | None:
 
 
 def _train_or_reuse(
-    cfg: DictConfig, callbacks: list[L.Callback], resume_file: Path | None
+    cfg: DictConfig,
+    callbacks: list[L.Callback],
+    resume_file: Path | None,
+    style_token: str | None = None,
 ) -> TrainResult:
     run_dir = Path(cfg.paths.output_dir)
     reused = _finished_lora(run_dir)
@@ -231,13 +335,17 @@ def _train_or_reuse(
             lora=files,
             metrics=dict(saved.get("metrics") or {}),
             metadata=dict(saved.get("metadata") or {}),
+            sample_prompts=[str(p) for p in saved.get("sample_prompts") or []],
         )
-    result = train(cfg, callbacks=callbacks, ckpt_path=resume_file)
+    result = train(cfg, callbacks=callbacks, ckpt_path=resume_file, style_token=style_token)
     if result.lora is not None:
         marker = {
             "folder": str(result.lora.folder),
             "diffusers": str(result.lora.diffusers),
             "kohya": None if result.lora.kohya is None else str(result.lora.kohya),
+            "card": None if result.lora.card is None else str(result.lora.card),
+            "samples": None if result.lora.samples is None else str(result.lora.samples),
+            "sample_prompts": result.sample_prompts,
             "metrics": result.metrics,
             "metadata": result.metadata,
         }
@@ -254,6 +362,7 @@ def run_reported_training(
     resume: bool = True,
     work_dir: str | Path | None = None,
     run_id: str | None = None,
+    style_token: str | None = None,
 ) -> TrainResult:
     """Train, upload the LoRA and report completion, or report the failure and re-raise.
 
@@ -268,6 +377,9 @@ def run_reported_training(
             ``{paths.output_dir}/resume``.
         run_id: The job's run: checkpoints are written to and resumed from
             ``checkpoints/style_{id}/{run_id}/`` only (a new job never resumes an old one).
+        style_token: The job's style token, literal text, never put in the config (see
+            :func:`~lightning_lora.training.run.train`): it fills ``{token}`` in the validation
+            prompts and is the LoRA's trigger word (metadata and model card).
 
     Returns:
         The run's result (``result.metrics``/``metadata`` as from ``train``).
@@ -297,13 +409,22 @@ def run_reported_training(
                 folder,
                 expect_lora={"rank": cfg.lora.rank, "alpha": cfg.lora.alpha},
             )
-        result = _train_or_reuse(cfg, [*own, *callbacks], resume_file)
+        result = _train_or_reuse(cfg, [*own, *callbacks], resume_file, style_token)
         if result.lora is None:  # not global rank zero: rank zero uploads and reports
             return result
         started = time.perf_counter()
         model_url, kohya_url = upload_final_lora(storage, style_id, result)
+        samples_url = upload_samples(storage, style_id, result)
+        card_url = upload_model_card(
+            storage,
+            style_id,
+            result,
+            with_samples=samples_url is not None,
+            with_kohya=kohya_url is not None,
+        )
         result.metrics["upload_seconds"] = time.perf_counter() - started
-        extra = {"kohya_url": kohya_url} if kohya_url else {}
+        extra = {"kohya_url": kohya_url, "samples_url": samples_url, "model_card_url": card_url}
+        extra = {k: v for k, v in extra.items() if v}
         report_completion(report, cfg, result, model_url, extra=extra)
         return result
     except BaseException as exc:

@@ -33,11 +33,15 @@ class LoraFiles:
         folder: The folder ``pipe.load_lora_weights`` takes.
         diffusers: The diffusers-format file.
         kohya: The kohya-format file (``None`` for DoRA, which kohya's format cannot carry).
+        card: The model card beside them (``README.md``), once written.
+        samples: The final sample grid beside them (``samples.png``), when the run drew one.
     """
 
     folder: Path
     diffusers: Path
     kohya: Path | None
+    card: Path | None = None
+    samples: Path | None = None
 
 
 def _string_metadata(metadata: dict[str, Any]) -> dict[str, str]:

@@ -28,6 +28,8 @@ def main(cfg: DictConfig) -> float | None:
         print(f"LoRA (kohya):     {result.lora.kohya or 'not written (DoRA: diffusers only)'}")
         if result.sample_grid:
             print(f"samples:          {result.sample_grid}")
+        if result.lora.card:
+            print(f"model card:       {result.lora.card}")
         print(f"metrics:          {result.output_dir / 'summary.json'}")
     name = str(cfg.get("optimized_metric", "val/loss"))
     try:

@@ -21,6 +21,10 @@ message:
    reported, dead-letter a failed job (after its one failure report), requeue one interrupted by
    a shutdown or by S3 being down for the whole retry budget (the finished LoRA is kept).
 
+A cancel of the job's style (:mod:`lightning_lora.worker.cancels`) ends a queued job before it
+trains and a running one at its next step: one ``CANCELLED`` failure webhook, its checkpoints
+deleted, the message acked.
+
 The terminal webhook goes through :class:`~lightning_lora.worker.outbox.DurableSink`: created
 once in S3, re-sent by every worker's outbox until the backend answers 2xx.
 """
@@ -48,6 +52,7 @@ from lightning_lora.clients.webhook_sender import WebhookSender
 from lightning_lora.config import plain_dict
 from lightning_lora.errors import (
     InvalidMessageError,
+    JobCancelledError,
     JobCrashedError,
     StorageUnavailableError,
     disposition_of,
@@ -55,8 +60,9 @@ from lightning_lora.errors import (
 from lightning_lora.jobs.layout import checkpoint_prefix, job_key_for, outbox_key
 from lightning_lora.jobs.report import JobReport, webhook_client
 from lightning_lora.jobs.runner import run_reported_training
-from lightning_lora.worker.consumer import Delivery, Outcome, Settlement
-from lightning_lora.worker.job_callbacks import InterruptOnStop, ProgressGauge
+from lightning_lora.worker.cancels import CancelWatch, barrier, barrier_of, parse_cancel
+from lightning_lora.worker.deliveries import ControlReply, Delivery, Outcome, Settlement
+from lightning_lora.worker.job_callbacks import InterruptOnStop, ProgressGauge, StopOnCancel
 from lightning_lora.worker.jobdirs import job_dir_owned_here, make_job_dir
 from lightning_lora.worker.ledger import Lease, LeaseBusy, Ledger
 from lightning_lora.worker.messages import (
@@ -201,6 +207,12 @@ class TrainingWorker:
         if delivery.published_at is not None:
             timings.queue_wait_s = max(0.0, time.time() - delivery.published_at.timestamp())
         try:
+            closing = barrier_of(delivery.headers, delivery.body)
+        except InvalidMessageError as exc:
+            return Settlement(Outcome.REJECT, f"bad cancel barrier: {exc}")
+        if closing is not None:
+            return self._close_cancel(*closing)
+        try:
             job = parse_job(
                 delivery.body,
                 max_images=self.settings.max_images,
@@ -236,6 +248,46 @@ class TrainingWorker:
             log.info("job %s timings: %s", job.job_id, timings.line())
             self._count(settlement, timings.total_s)
 
+    # ------------------------------------------------------------------ cancels
+    def on_control(self, delivery: Delivery) -> ControlReply:
+        """A cancel from the backend: open the style's cancel and queue its barrier.
+
+        Raises:
+            StorageUnavailableError: The bucket is down (the consumer requeues the cancel).
+        """
+        try:
+            style_id = parse_cancel(delivery.body)
+        except InvalidMessageError as exc:
+            return ControlReply(reject=str(exc))
+        record = self.ledger.open_cancel(style_id)
+        log.warning("style %s: cancel %s received", style_id, record.cancel_id)
+        return ControlReply(publish=(barrier(style_id, record.cancel_id),))
+
+    def _close_cancel(self, style_id: int, cancel_id: str) -> Settlement:
+        """A cancel's barrier came out of the work queue: the jobs before it are all taken."""
+        try:
+            closed = self.ledger.close_cancel(style_id, cancel_id)
+        except Exception as exc:
+            if not disposition_of(exc).requeue:
+                raise
+            return Settlement(Outcome.REQUEUE)  # S3 down: the barrier comes back
+        log.info("style %s: cancel %s %s", style_id, cancel_id, "closed" if closed else "replaced")
+        return Settlement(Outcome.ACK)
+
+    def _cancelled_before_training(
+        self, job: TrainingJob, run: RunRef, body: bytes, lease: Lease
+    ) -> Settlement:
+        log.warning("job %s (run %s): cancelled before it trained", job.job_id, run.run_id)
+        exc = JobCancelledError(f"job {job.job_id} of style {job.style_id} was cancelled")
+        reported = False
+        try:
+            self._fail_once(job.webhook_url, run, body, exc)
+            reported = True
+        finally:
+            lease.release(finished=reported)
+        self._drop_checkpoints(run)
+        return Settlement(Outcome.ACK, str(exc), exc.error_code)
+
     def _refused(self, settlement: Settlement) -> Settlement:
         """A message refused before it became a job: counted as failed, by its code."""
         if self.metrics is not None:
@@ -246,7 +298,9 @@ class TrainingWorker:
         if self.metrics is None:
             return
         self.metrics.set_progress(0.0)
-        if settlement.outcome is Outcome.ACK:
+        if settlement.outcome is Outcome.ACK and settlement.error_code is not None:
+            self.metrics.job_failed(settlement.error_code, duration_s)  # cancelled: acked
+        elif settlement.outcome is Outcome.ACK:
             self.metrics.job_completed(duration_s)
         elif settlement.outcome is Outcome.REJECT:
             self.metrics.job_failed(settlement.error_code or "TRAINING_FAILED", duration_s)
@@ -305,6 +359,13 @@ class TrainingWorker:
                     waited = True
                 if delivery.stop_requested.wait(max(0.2, min(5.0, self.settings.lease_ttl_s / 4))):
                     return Settlement(Outcome.REQUEUE)
+        try:
+            cancelled = self.ledger.cancel_stopping(run) is not None
+        except BaseException:
+            lease.release(finished=False)
+            raise
+        if cancelled:
+            return self._cancelled_before_training(job, run, delivery.body, lease)
         crashes = max(lease.attempts - 1, delivery.delivery_count)
         if crashes >= self.delivery_limit:
             log.error(
@@ -359,11 +420,18 @@ class TrainingWorker:
         public = _PublicNames(job_dir)
         keep_dir = False
         try:
-            with self._report(job.webhook_url, run, delivery.body, rewrite=public) as report:
+            with (
+                self._report(job.webhook_url, run, delivery.body, rewrite=public) as report,
+                CancelWatch(self.ledger, run, self.settings.cancel_poll_s) as watch,
+            ):
                 try:
-                    self._download_and_train(job, delivery, lease, timings, job_dir, report, public)
+                    self._download_and_train(
+                        job, delivery, lease, timings, job_dir, report, public, watch
+                    )
                 except Exception as exc:
                     settlement, keep_dir = self._settle_error(job, exc, report, public)
+                    if settlement.outcome is Outcome.ACK:  # cancelled
+                        self._drop_checkpoints(run)
                     return settlement
             self._drop_checkpoints(run)
             self.jobs_done += 1
@@ -381,14 +449,21 @@ class TrainingWorker:
         job_dir: Path,
         report: JobReport,
         public: _PublicNames,
+        watch: CancelWatch,
     ) -> None:
         t0 = time.monotonic()
         try:
             self._download(job, job_dir / "images", public)
         finally:
             timings.download_s = time.monotonic() - t0
+        what = f"job {job.job_id} of style {job.style_id}"
+        if watch.cancelled.is_set():
+            raise JobCancelledError(f"{what} was cancelled by the backend while downloading")
         cfg = self.job_config(job, job_dir)
-        extra: list[L.Callback] = [InterruptOnStop(delivery.stop_requested, lease)]
+        extra: list[L.Callback] = [
+            InterruptOnStop(delivery.stop_requested, lease),
+            StopOnCancel(watch.cancelled, what),
+        ]
         if self.metrics is not None:
             extra.append(ProgressGauge(self.metrics))
         t0 = time.monotonic()
@@ -400,6 +475,7 @@ class TrainingWorker:
             resume=self.settings.resume_from_s3,
             work_dir=job_dir / "resume",
             run_id=lease.run.run_id,
+            style_token=job.style_token,
         )
         elapsed = time.monotonic() - t0
         timings.training_s = float(result.metrics.get("train_seconds", elapsed))
@@ -425,6 +501,9 @@ class TrainingWorker:
             return Settlement(Outcome.REQUEUE), keep
         report.fail(exc)  # nothing new if the runner reported it already
         code = disposition.error_code
+        if not disposition.dead_letter:  # cancelled: reported, nothing left to look at
+            log.warning("job %s ended (%s): %s", job.job_id, code, text)
+            return Settlement(Outcome.ACK, text[:500], code), False
         log.error("job %s failed (%s): %s", job.job_id, code, text)
         return Settlement(Outcome.REJECT, text[:500], code), False
 

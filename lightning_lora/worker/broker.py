@@ -13,6 +13,9 @@ counts a job's attempts in its S3 lease (:mod:`lightning_lora.worker.ledger`).
 ``RABBITMQ_QUEUE_TYPE=quorum`` opts into a quorum queue with a broker-side dead-letter exchange
 and ``x-delivery-limit`` (:func:`queue_arguments`); every declarer, the backend included, must
 then declare it with those arguments.
+
+The backend's cancels arrive on a third plain durable queue (``<queue>.cancel``,
+:func:`publish_cancel`); see :mod:`lightning_lora.worker.cancels`.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def queue_arguments(settings: BrokerSettings) -> dict[str, Any]:
 
 
 def declare_topology(channel: BlockingChannel, settings: BrokerSettings) -> None:
-    """Declare the dead-letter queue and the work queue (idempotent).
+    """Declare the dead-letter, cancel and work queues (idempotent).
 
     The classic work queue is declared with no arguments, exactly like the backend's
     ``queue_declare(queue=..., durable=True)``, so both orders of declaration work.
@@ -84,6 +87,7 @@ def declare_topology(channel: BlockingChannel, settings: BrokerSettings) -> None
             (``PRECONDITION_FAILED``); the message names the queue and the broker's reason.
     """
     _declare(channel, settings.dlq, arguments={})
+    _declare(channel, settings.cancels, arguments={})
     _declare(channel, settings.queue, arguments=queue_arguments(settings))
 
 
@@ -129,6 +133,34 @@ def publish_job(
         TopologyError: If the queues exist with incompatible arguments.
         pika.exceptions.AMQPError: If the broker cannot be reached.
     """
+    return _publish(settings, settings.queue, body, message_id=message_id, headers=headers)
+
+
+def publish_cancel(settings: BrokerSettings, style_id: int) -> str:
+    """Cancel a style's job: ``{"style_id": N}`` to the cancel queue, as the backend sends it.
+
+    Args:
+        settings: Broker settings (the cancel queue and connection).
+        style_id: The style whose queued or running job stops.
+
+    Returns:
+        The message id.
+
+    Raises:
+        PublishError: If the broker nacks the message or cannot route it.
+        pika.exceptions.AMQPError: If the broker cannot be reached.
+    """
+    return _publish(settings, settings.cancels, {"style_id": style_id})
+
+
+def _publish(
+    settings: BrokerSettings,
+    queue: str,
+    body: Mapping[str, Any] | bytes,
+    *,
+    message_id: str | None = None,
+    headers: Mapping[str, Any] | None = None,
+) -> str:
     payload = body if isinstance(body, bytes) else json.dumps(dict(body)).encode("utf-8")
     message_id = message_id or uuid.uuid4().hex
     properties = BasicProperties(
@@ -141,14 +173,12 @@ def publish_job(
     )
     with confirmed_channel(settings, "publisher") as channel:
         try:
-            channel.basic_publish("", settings.queue, payload, properties, mandatory=True)
+            channel.basic_publish("", queue, payload, properties, mandatory=True)
         except pika.exceptions.UnroutableError as exc:
-            raise PublishError(
-                f"message {message_id} could not be routed to {settings.queue!r}"
-            ) from exc
+            raise PublishError(f"message {message_id} could not be routed to {queue!r}") from exc
         except pika.exceptions.NackError as exc:
             raise PublishError(f"the broker refused message {message_id} (nack)") from exc
-    logger.info("published message %s to %r", message_id, settings.queue)
+    logger.info("published message %s to %r", message_id, queue)
     return message_id
 
 

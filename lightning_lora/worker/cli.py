@@ -238,6 +238,7 @@ def _serve(train_cfg: DictConfig, settings: WorkerSettings) -> int:
         on_poison=worker.on_poison,
         grace_period=settings.grace_period_s,
         on_io=metrics.broker_seen,
+        on_control=worker.on_control,
     )
     server = None
     if settings.metrics_port is not None:

@@ -21,6 +21,11 @@ Design (after pika's ``examples/basic_consumer_threaded.py``):
   connection dies keeps running; its outcome cannot be acknowledged any more, so the broker
   redelivers the message once the worker reconnects (after the job ended, so that two runs of
   the same job never overlap). **Handlers must therefore be idempotent.**
+* Control messages (the backend's cancels): with an ``on_control`` handler the consumer also
+  takes the control queue (``BrokerSettings.cancels``). At each connect the waiting control
+  messages are handled before the first job is taken; later ones on a thread of their own, while
+  a job runs. A handler returns a :class:`ControlReply`: messages to publish to the work queue
+  (under publisher confirms) before the control message is acked, or a reason to dead-letter it.
 * Graceful stop: :meth:`Consumer.request_stop` (also SIGTERM/SIGINT when :meth:`Consumer.run`
   runs on the main thread) cancels the consumer, waits up to ``grace_period`` for the running
   job, requeues its message if it did not finish, closes the connection and returns. Handlers
@@ -48,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import functools
 import hashlib
 import logging
@@ -56,8 +60,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -73,6 +76,7 @@ from lightning_lora.worker.broker import (
     dead_letter,
     declare_topology,
 )
+from lightning_lora.worker.deliveries import ControlReply, Delivery, Outcome, Settlement
 
 logger = logging.getLogger(__name__)
 
@@ -83,102 +87,6 @@ RECOVERABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 """Errors after which :meth:`Consumer.run` reconnects instead of giving up."""
 _LOCAL_COUNT_CAPACITY = 10_000
-
-
-# --------------------------------------------------------------------------- deliveries
-
-
-class Outcome(enum.Enum):
-    """What to do with a message once its handler returned."""
-
-    ACK = "ack"
-    """Done: remove the message."""
-    REJECT = "reject"
-    """Never retry: dead-letter the message (``basic_reject(requeue=False)``)."""
-    REQUEUE = "requeue"
-    """Put the message back for a later delivery (e.g. on shutdown)."""
-
-
-@dataclass(frozen=True)
-class Settlement:
-    """An outcome with the reason an operator sees on a dead-lettered message.
-
-    Attributes:
-        outcome: What to do with the message.
-        reason: One line (the DLQ's ``x-lightning-lora-reason`` header).
-        error_code: The failure code reported to the backend, if any.
-    """
-
-    outcome: Outcome
-    reason: str = ""
-    error_code: str | None = None
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One message handed to the handler.
-
-    Attributes:
-        body: The raw body.
-        properties: The AMQP properties.
-        headers: The message headers (empty dict if none).
-        delivery_tag: The channel's delivery tag.
-        redelivered: The broker's redelivered flag.
-        delivery_count: Previous deliveries of this message (quorum ``x-delivery-count``,
-            0 on the first delivery).
-        published_at: When the message was published (``timestamp`` property), if set.
-        stop_requested: Set when the consumer is asked to stop; long handlers should poll it.
-    """
-
-    body: bytes = field(repr=False)
-    properties: BasicProperties = field(repr=False)
-    headers: Mapping[str, Any]
-    delivery_tag: int
-    redelivered: bool
-    delivery_count: int
-    published_at: datetime | None
-    stop_requested: threading.Event = field(repr=False, compare=False)
-
-    @property
-    def message_id(self) -> str | None:
-        """The ``message_id`` property, if set."""
-        return self.properties.message_id
-
-    @classmethod
-    def from_amqp(
-        cls,
-        method: Basic.Deliver,
-        properties: BasicProperties,
-        body: bytes,
-        stop_requested: threading.Event,
-    ) -> Delivery:
-        """Build a delivery from what pika passes to a consumer callback."""
-        headers = dict(properties.headers or {})
-        return cls(
-            body=body,
-            properties=properties,
-            headers=headers,
-            delivery_tag=method.delivery_tag,
-            redelivered=bool(method.redelivered),
-            delivery_count=_delivery_count(headers),
-            published_at=_published_at(properties),
-            stop_requested=stop_requested,
-        )
-
-
-def _delivery_count(headers: Mapping[str, Any]) -> int:
-    count = headers.get("x-delivery-count", 0)
-    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 0
-
-
-def _published_at(properties: BasicProperties) -> datetime | None:
-    timestamp = properties.timestamp
-    if not isinstance(timestamp, int):
-        return None
-    try:
-        return datetime.fromtimestamp(timestamp, tz=UTC)
-    except (OverflowError, OSError, ValueError):
-        return None
 
 
 @dataclass
@@ -192,6 +100,7 @@ class _InFlight:
 
 Handler = Callable[[Delivery], "Outcome | Settlement"]
 PoisonHook = Callable[[Delivery], None]
+ControlHandler = Callable[[Delivery], ControlReply]
 
 
 # --------------------------------------------------------------------------- consumer
@@ -211,6 +120,8 @@ class Consumer:
             message is requeued and :meth:`run` returns anyway.
         poll_interval: Seconds between checks of the stop flag while serving the connection.
         on_io: Called after every round of broker I/O (heartbeats included), e.g. for metrics.
+        on_control: Handles a control message (see :class:`ControlReply`); ``None``: the
+            control queue is not consumed. An exception requeues the message.
 
     Attributes:
         consuming: Set while a consumer is registered with the broker (cleared when the
@@ -227,6 +138,7 @@ class Consumer:
         grace_period: float = 30.0,
         poll_interval: float = 0.5,
         on_io: Callable[[], None] | None = None,
+        on_control: ControlHandler | None = None,
     ) -> None:
         self.settings = settings
         self._handler = handler
@@ -234,6 +146,7 @@ class Consumer:
         self._grace_period = grace_period
         self._poll_interval = poll_interval
         self._on_io = on_io
+        self._on_control = on_control
         self._stop = threading.Event()
         self._stop_at: float | None = None
         self.consuming = threading.Event()
@@ -323,6 +236,9 @@ class Consumer:
         self._dlq_channel.confirm_delivery()
         self._cancelled_by_broker = False
         channel.add_on_cancel_callback(self._on_broker_cancel)
+        if self._on_control is not None:
+            self._take_waiting_control(channel)
+            channel.basic_consume(self.settings.cancels, self._on_control_message, auto_ack=False)
         self._consumer_tag = channel.basic_consume(
             self.settings.queue, self._on_message, auto_ack=False
         )
@@ -575,6 +491,92 @@ class Consumer:
             )
             return False
         return True
+
+    # ----------------------------------------------------------------- control messages
+
+    def _take_waiting_control(self, channel: BlockingChannel) -> None:
+        """At connect, before any job: handle every control message already waiting.
+
+        A cancel sent while no worker ran is thus in force before the job it cancels is taken.
+        """
+        while not self._stop.is_set():
+            method, properties, body = channel.basic_get(self.settings.cancels, auto_ack=False)
+            if method is None:
+                return
+            delivery = Delivery.from_amqp(method, properties, body, self._stop)
+            self._settle_control(channel, delivery, self._control_reply(delivery))
+
+    def _on_control_message(
+        self,
+        channel: BlockingChannel,
+        method: Basic.Deliver,
+        properties: BasicProperties,
+        body: bytes,
+    ) -> None:
+        """Connection-thread callback: handle a control message on a thread of its own."""
+        delivery = Delivery.from_amqp(method, properties, body, self._stop)
+        connection = self._connection
+        assert connection is not None
+
+        def work() -> None:
+            reply = self._control_reply(delivery)
+            settle = functools.partial(self._settle_control, channel, delivery, reply)
+            try:
+                connection.add_callback_threadsafe(settle)
+            except Exception as exc:  # the connection is gone: the broker will redeliver
+                logger.warning("control message not settled (%s); it comes back", exc)
+
+        threading.Thread(target=work, name=f"control-{method.delivery_tag}", daemon=True).start()
+
+    def _control_reply(self, delivery: Delivery) -> ControlReply | None:
+        """The handler's reply, or ``None`` (requeue) when it raised."""
+        assert self._on_control is not None
+        try:
+            return self._on_control(delivery)
+        except Exception:
+            logger.exception("control handler failed; requeueing the control message")
+            return None
+
+    def _settle_control(
+        self, channel: BlockingChannel, delivery: Delivery, reply: ControlReply | None
+    ) -> None:
+        """Connection thread: publish what the reply asks for, then ack (or requeue)."""
+        tag = delivery.delivery_tag
+        if not channel.is_open:
+            return  # the broker redelivers it
+        try:
+            if reply is None:
+                # after a short pause, so that a store outage does not spin the message
+                self._stop.wait(min(5.0, self.settings.reconnect_initial_delay))
+                channel.basic_nack(tag, requeue=True)
+                return
+            if reply.reject is not None:
+                reason = f"control message refused: {reply.reject}"
+                logger.error("%s", reason)
+                if not self._dead_letter(delivery, Settlement(Outcome.REJECT, reason)):
+                    channel.basic_nack(tag, requeue=True)
+                    return
+            for body, headers in reply.publish:
+                self._publish_to_work_queue(body, headers)
+            channel.basic_ack(tag)
+        except Exception as exc:  # keep the control message: it is handled again
+            logger.error("control message requeued (%s: %s)", type(exc).__name__, exc)
+            if channel.is_open:
+                channel.basic_nack(tag, requeue=True)
+
+    def _publish_to_work_queue(self, body: bytes, headers: Mapping[str, Any]) -> None:
+        """Publish persistently to the work queue and wait for the broker's confirm."""
+        channel = self._dlq_channel
+        if channel is None or not channel.is_open:
+            raise pika.exceptions.ChannelClosed(0, "no confirm channel")
+        properties = BasicProperties(
+            content_type="application/json",
+            delivery_mode=pika.DeliveryMode.Persistent.value,
+            timestamp=int(time.time()),
+            app_id="lightning_lora",
+            headers=dict(headers),
+        )
+        channel.basic_publish("", self.settings.queue, body, properties, mandatory=True)
 
     # ----------------------------------------------------------------- signals
 

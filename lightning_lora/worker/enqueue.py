@@ -5,9 +5,12 @@ Examples::
     lightning-lora-enqueue --style-id 42 --webhook-url http://backend:8000 \
         --image-url s3://styles/42/a.png --image-url s3://styles/42/b.png --num-epochs 20
     lightning-lora-enqueue --file job.json
+    lightning-lora-enqueue --cancel 42      # cancel style 42's queued or running job
 
 The job is validated with :func:`~lightning_lora.worker.messages.parse_job` before it is
-published (persistent, with publisher confirms); the message id is printed on stdout. The
+published (persistent, with publisher confirms); the message id is printed on stdout.
+``--cancel STYLE_ID`` publishes the backend's cancel message instead (``{"style_id": N}`` to the
+cancel queue, :mod:`lightning_lora.worker.cancels`). The
 broker is configured by the ``RABBITMQ_*`` environment variables (see
 :class:`~lightning_lora.worker.broker.BrokerSettings`).
 
@@ -20,17 +23,19 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pika.exceptions
 
+from lightning_lora.clients.contract import style_id_problem
 from lightning_lora.errors import InvalidMessageError
 from lightning_lora.worker.broker import (
     BrokerSettings,
     PublishError,
     TopologyError,
+    publish_cancel,
     publish_job,
 )
 from lightning_lora.worker.messages import DEFAULT_MAX_IMAGES, parse_job
@@ -69,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON file with the job ('-' for stdin); other options override its fields",
     )
     parser.add_argument("--style-id", type=int, help="the backend's style id")
+    parser.add_argument(
+        "--cancel",
+        type=int,
+        metavar="STYLE_ID",
+        help="cancel the style's queued or running job (no job is published)",
+    )
     parser.add_argument(
         "--image-url",
         action="append",
@@ -149,6 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.cancel is not None:
+        problem = style_id_problem(args.cancel)
+        if problem is not None:
+            print(f"error: --cancel: style_id {problem}", file=sys.stderr)
+            return EXIT_INVALID
+        return _send(args, "cancel", lambda settings: publish_cancel(settings, args.cancel))
     try:
         job = job_from_args(args)
     except (OSError, ValueError) as exc:
@@ -160,16 +177,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidMessageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    return _send(args, "job", lambda settings: publish_job(settings, body))
+
+
+def _send(args: argparse.Namespace, what: str, publish: Callable[[BrokerSettings], str]) -> int:
+    """Publish with the broker settings of the environment (and ``--queue``); print the id."""
     try:
         settings = BrokerSettings.from_env()
         if args.queue:
             settings = settings.replace(queue=args.queue)
-        message_id = publish_job(settings, body)
+        message_id = publish(settings)
     except ValueError as exc:
         print(f"error: bad broker settings: {exc}", file=sys.stderr)
         return EXIT_INVALID
     except (PublishError, TopologyError, pika.exceptions.AMQPError, OSError) as exc:
-        print(f"error: could not publish the job: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: could not publish the {what}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_BROKER_ERROR
     print(message_id)
     return EXIT_OK

@@ -1,4 +1,4 @@
-"""The worker's own training callbacks: stop on shutdown or a lost lease, and the progress gauge."""
+"""The worker's own training callbacks: stop on shutdown, a lost lease or a cancel; progress."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import lightning as L
 from typing_extensions import override
 
 from lightning_lora.callbacks.s3_checkpoint import S3CheckpointCallback
-from lightning_lora.errors import JobInterrupted
+from lightning_lora.errors import JobCancelledError, JobInterrupted
 from lightning_lora.worker.ledger import Lease
 from lightning_lora.worker.ops import WorkerMetrics
 
-__all__ = ["InterruptOnStop", "ProgressGauge"]
+__all__ = ["InterruptOnStop", "ProgressGauge", "StopOnCancel"]
 
 
 class InterruptOnStop(L.Callback):
@@ -51,6 +51,40 @@ class InterruptOnStop(L.Callback):
         raise JobInterrupted(
             f"worker shutting down: stopped after epoch {trainer.current_epoch + 1}, checkpointed"
         )
+
+
+class StopOnCancel(L.Callback):
+    """Ends training at the next step once the job's style is cancelled.
+
+    Raises :class:`JobCancelledError`: the job is reported ``CANCELLED`` once, its checkpoints
+    are deleted and its message acknowledged (:mod:`lightning_lora.worker.cancels`).
+    """
+
+    def __init__(self, cancelled: threading.Event, what: str) -> None:
+        """Watch ``cancelled`` (set by a :class:`~lightning_lora.worker.cancels.CancelWatch`)."""
+        self.cancelled = cancelled
+        self.what = what
+
+    def _check(self, trainer: L.Trainer) -> None:
+        if self.cancelled.is_set():
+            raise JobCancelledError(
+                f"{self.what} was cancelled by the backend; stopped at step {trainer.global_step}"
+            )
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._check(trainer)
 
 
 class ProgressGauge(L.Callback):

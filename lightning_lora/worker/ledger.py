@@ -19,6 +19,10 @@ message to another worker). The bucket holds what makes each job run and report 
   every re-send is the same event (:meth:`Ledger.create_outcome`).
 * **Outbox.** Until the backend answers 2xx, the outcome also sits in ``outbox/`` where every
   worker's :class:`~lightning_lora.worker.outbox.Outbox` re-sends it with growing backoff.
+* **Cancels.** A style's newest cancel (:class:`~lightning_lora.worker.records.CancelRecord`):
+  opened when a worker takes the backend's cancel message, closed when the barrier it queued
+  behind the style's jobs comes out of the work queue; it stops the runs that began before it
+  closed (:meth:`Ledger.cancel_stopping`).
 
 The ledger owns every one of these keys: nothing else reads or writes them, and each record is a
 typed :mod:`lightning_lora.worker.records` dataclass with one reader and one writer.
@@ -29,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -37,12 +42,14 @@ from lightning_lora.clients.storage import S3Storage
 from lightning_lora.errors import DownloadError, PreconditionFailedError, StorageUnavailableError
 from lightning_lora.jobs.layout import (
     OUTBOX_PREFIX,
+    cancel_key,
     job_pointer_key,
     lease_key,
     outbox_key,
     outcome_key,
 )
 from lightning_lora.worker.records import (
+    CancelRecord,
     Holder,
     JobPointer,
     LeaseRecord,
@@ -203,13 +210,13 @@ class Ledger:
                 if found is None:
                     pointer = JobPointer(1, self.clock())
                     self.storage.put_json(key, pointer.to_json(), if_none_match=True)
-                    return RunRef(style_id, job_key, 1)
+                    return RunRef(style_id, job_key, 1, started_at=pointer.updated_at)
                 current, etag = found
                 if not new_publication:
-                    return RunRef(style_id, job_key, current.generation)
+                    return RunRef(style_id, job_key, current.generation, current.updated_at)
                 pointer = JobPointer(current.generation + 1, self.clock())
                 self.storage.put_json(key, pointer.to_json(), if_match=etag)
-                return RunRef(style_id, job_key, pointer.generation)
+                return RunRef(style_id, job_key, pointer.generation, pointer.updated_at)
             except PreconditionFailedError:
                 continue  # another worker moved the pointer first: read it again
         raise StorageUnavailableError(f"could not settle the generation of job {job_key}")
@@ -358,6 +365,51 @@ class Ledger:
             with contextlib.suppress(PreconditionFailedError):  # another worker marked it
                 self.storage.put_json(key, delivered.to_json(), if_match=etag)
         self.storage.delete_key(outbox_key(run.style_id, run.run_id))
+
+    # ----------------------------------------------------------------- cancels
+
+    def open_cancel(self, style_id: int) -> CancelRecord:
+        """Record a new cancel of the style, open until its barrier is taken.
+
+        The newest cancel replaces an earlier one (last writer wins): an open one stays open
+        under the new id, a closed one reopens. Both stop every run that began before.
+
+        Returns:
+            The cancel (its id goes on the barrier).
+        """
+        record = CancelRecord(cancel_id=uuid.uuid4().hex, requested_at=self.clock())
+        self.storage.put_json(cancel_key(style_id), record.to_json())
+        return record
+
+    def close_cancel(self, style_id: int, cancel_id: str) -> bool:
+        """Close the cancel ``cancel_id`` (its barrier came out of the work queue).
+
+        Returns:
+            ``True`` if this call closed it; ``False`` if it was closed already or a newer
+            cancel replaced it (whose own barrier closes it).
+        """
+        key = cancel_key(style_id)
+        for _ in range(_MAX_CAS_TRIES):
+            found = self._read(key, CancelRecord.from_json)
+            if found is None:
+                return False
+            current, etag = found
+            if current.cancel_id != cancel_id or current.closed_at is not None:
+                return False
+            closed = replace(current, closed_at=self.clock())
+            try:
+                self.storage.put_json(key, closed.to_json(), if_match=etag)
+                return True
+            except PreconditionFailedError:
+                continue  # a newer cancel, or another worker closing it: read it again
+        raise StorageUnavailableError(f"could not close the cancel {cancel_id}")
+
+    def cancel_stopping(self, run: RunRef) -> CancelRecord | None:
+        """The style's cancel if it stops ``run`` (begun before it closed), or ``None``."""
+        found = self._read(cancel_key(run.style_id), CancelRecord.from_json)
+        if found is None or not found[0].stops(run):
+            return None
+        return found[0]
 
     # ----------------------------------------------------------------- the outbox
 

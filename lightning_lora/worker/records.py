@@ -10,7 +10,8 @@ a time. Where a record lives is :mod:`lightning_lora.jobs.layout`'s; who writes 
 * :class:`TerminalEvent`: a run's completion or failure webhook, fixed once created (same id,
   timestamp and body on every re-send);
 * :class:`OutcomeRecord`: a run's terminal event and whether the backend acknowledged it;
-* :class:`OutboxEntry`: a terminal event waiting for the backend, with its re-send schedule.
+* :class:`OutboxEntry`: a terminal event waiting for the backend, with its re-send schedule;
+* :class:`CancelRecord`: a style's newest cancel and the window of runs it stops.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lightning_lora.jobs.layout import run_id_for
 from lightning_lora.worker.owners import ProcessOwner
 
 __all__ = [
+    "CancelRecord",
     "Holder",
     "JobPointer",
     "LeaseRecord",
@@ -70,11 +72,20 @@ def _number(record: Mapping[str, Any], name: str, default: float | None = None) 
 
 @dataclasses.dataclass(frozen=True)
 class RunRef:
-    """One run of a job: what every record of it is keyed by."""
+    """One run of a job: what every record of it is keyed by.
+
+    Attributes:
+        style_id: The job's style.
+        job_key: The job's key.
+        generation: Which publication of the key.
+        started_at: When the run's first delivery was seen (the store's clock; ``0.0`` when
+            unknown). Not part of the run's identity: it only orders the run against a cancel.
+    """
 
     style_id: int
     job_key: str
     generation: int
+    started_at: float = dataclasses.field(default=0.0, compare=False)
 
     @property
     def run_id(self) -> str:
@@ -100,6 +111,48 @@ class JobPointer:
         if isinstance(generation, bool) or not isinstance(generation, int) or generation < 1:
             raise RecordError("field 'generation' is not a positive int")
         return cls(generation, _number(record, "updated_at", 0.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class CancelRecord:
+    """A style's newest cancel (``checkpoints/style_{id}/_cancel.json``).
+
+    A cancel stops every run of the style that had begun before its window closed: runs being
+    trained or queued when the backend cancelled. The window opens when a worker takes the
+    cancel message and closes when the barrier that worker put behind every queued job comes
+    out of the work queue; jobs published after the cancel come after the barrier, so they train.
+
+    Attributes:
+        cancel_id: Names the cancel (the barrier carries it).
+        requested_at: When a worker took the cancel (the store's clock).
+        closed_at: When its barrier came out of the work queue, or ``None`` while it is queued.
+    """
+
+    cancel_id: str
+    requested_at: float
+    closed_at: float | None = None
+
+    def stops(self, run: RunRef) -> bool:
+        """Whether this cancel stops ``run`` (it began before the window closed)."""
+        return self.closed_at is None or run.started_at < self.closed_at
+
+    def to_json(self) -> dict[str, Any]:
+        """The record's JSON object."""
+        return {
+            "cancel_id": self.cancel_id,
+            "requested_at": self.requested_at,
+            "closed_at": self.closed_at,
+        }
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> CancelRecord:
+        """Read a stored cancel."""
+        closed = record.get("closed_at")
+        return cls(
+            cancel_id=_get(record, "cancel_id", str),
+            requested_at=_number(record, "requested_at"),
+            closed_at=None if closed is None else _number(record, "closed_at"),
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,6 +75,7 @@ BROKER_ENV: dict[str, str] = {
     "heartbeat": "RABBITMQ_HEARTBEAT",
     "queue": "RABBITMQ_QUEUE",
     "dead_letter_queue": "RABBITMQ_DLQ",
+    "cancel_queue": "RABBITMQ_CANCEL_QUEUE",
     "delivery_limit": "RABBITMQ_DELIVERY_LIMIT",
     "queue_type": "RABBITMQ_QUEUE_TYPE",
     "connection_name": "RABBITMQ_CONNECTION_NAME",
@@ -122,6 +123,8 @@ class BrokerSettings(BaseModel):
         heartbeat: Heartbeat interval in seconds (``RABBITMQ_HEARTBEAT``, default 60).
         queue: Work queue (``RABBITMQ_QUEUE``, default ``model_training``).
         dead_letter_queue: Dead-letter queue (``RABBITMQ_DLQ``, default ``<queue>.dlq``).
+        cancel_queue: The backend's cancel messages (``RABBITMQ_CANCEL_QUEUE``, default
+            ``<queue>.cancel``; plain and durable like the work queue).
         delivery_limit: Attempts after which a job is poison (``RABBITMQ_DELIVERY_LIMIT``,
             default 3): counted in the job's S3 lease (crashes), or the quorum queue's
             ``x-delivery-count``; also the quorum queue's ``x-delivery-limit``.
@@ -145,6 +148,7 @@ class BrokerSettings(BaseModel):
     heartbeat: int = Field(default=60, ge=0)
     queue: str = DEFAULT_QUEUE
     dead_letter_queue: str | None = None
+    cancel_queue: str | None = None
     delivery_limit: int = Field(default=3, ge=1)
     queue_type: Literal["classic", "quorum"] = "classic"
     connection_name: str = "lightning_lora-worker"
@@ -152,7 +156,7 @@ class BrokerSettings(BaseModel):
     reconnect_initial_delay: float = Field(default=1.0, gt=0)
     reconnect_max_delay: float = Field(default=30.0, gt=0)
 
-    @field_validator("queue", "dead_letter_queue")
+    @field_validator("queue", "dead_letter_queue", "cancel_queue")
     @classmethod
     def _check_queue_name(cls, value: str | None) -> str | None:
         if value is not None and not 0 < len(value.encode()) <= 255:
@@ -190,6 +194,11 @@ class BrokerSettings(BaseModel):
     def dlq(self) -> str:
         """The dead-letter queue name (``<queue>.dlq`` unless set)."""
         return self.dead_letter_queue or f"{self.queue}.dlq"
+
+    @property
+    def cancels(self) -> str:
+        """The cancel queue name (``<queue>.cancel`` unless set)."""
+        return self.cancel_queue or f"{self.queue}.cancel"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> BrokerSettings:
@@ -312,6 +321,7 @@ class WorkerSettings(BaseModel):
         require_conditional_writes: Refuse to start on a store that ignores ``If-None-Match`` or
             ``If-Match`` (exactly-once rests on them); ``False`` runs with a warning.
         lease_ttl_s: How long a job's lease lasts without renewal (renewed every third).
+        cancel_poll_s: Seconds between two looks of a running job at its style's cancel record.
         outbox_window_s: How long an unacknowledged terminal webhook is re-sent (24 h).
         outbox_poll_s: Seconds between two scans of the outbox.
         outbox_backoff_base_s: First re-send delay of the outbox (then x3 each time).
@@ -341,6 +351,7 @@ class WorkerSettings(BaseModel):
     resume_from_s3: bool = True
     require_conditional_writes: bool = True
     lease_ttl_s: float = Field(default=60.0, gt=0)
+    cancel_poll_s: float = Field(default=2.0, gt=0)
     outbox_window_s: float = Field(default=86_400.0, gt=0)
     outbox_poll_s: float = Field(default=10.0, gt=0)
     outbox_backoff_base_s: float = Field(default=5.0, gt=0)

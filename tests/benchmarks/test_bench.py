@@ -27,8 +27,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from benchmarks import baseline, bench, models, report
-from benchmarks.cases import effective_precision, grid_cases
+from benchmarks import baseline, bench, models, report, runner
+from benchmarks.cases import Case, effective_precision, grid_cases
+from lightning_lora.config import compose_config
 from lightning_lora.training.models import load_components
 
 pytestmark = pytest.mark.slow  # compiles and trains: make test, not make test-fast
@@ -202,9 +203,9 @@ def test_ratios_and_mfu_use_the_measured_values() -> None:
          "samples_per_s": 10.0},
         {"case": "r4", "recipe": "reference", "batch_size": 4, "grad_ckpt": True,
          "samples_per_s": 8.0},
-        {"case": "o4", "recipe": "ours", "batch_size": 4, "grad_ckpt": False,
+        {"case": "o4", "recipe": "ours", "batch_size": 4, "grad_ckpt": True,
          "samples_per_s": 25.0},
-        {"case": "o8", "recipe": "ours", "batch_size": 8, "grad_ckpt": False,
+        {"case": "o8", "recipe": "ours", "batch_size": 8, "grad_ckpt": True,
          "samples_per_s": 40.0},
     ]  # fmt: skip
     report.attach_ratios(rows)
@@ -216,6 +217,36 @@ def test_ratios_and_mfu_use_the_measured_values() -> None:
     assert "ratio_to_baseline" not in ref
     assert o8["ratio_to_baseline"] is None and o8["ratio_to_reference"] is None  # no b8 rows
     assert o4["mfu"] == pytest.approx(25.0 * 2.0 / 100.0)
+
+
+def test_a_case_row_is_its_median_run_with_every_run_beside_it() -> None:
+    runs = [
+        {"case": "o2", "step_s": 0.30, "samples_per_s": 2 / 0.30},
+        {"case": "o2", "step_s": 0.10, "samples_per_s": 2 / 0.10},
+        {"case": "o2", "step_s": 0.20, "samples_per_s": 2 / 0.20},
+    ]
+    row = report.median_run(runs)
+    assert row["step_s"] == 0.20 and row["samples_per_s"] == pytest.approx(10.0)
+    assert row["runs_step_s"] == [0.30, 0.10, 0.20] and row["runs"] == 3
+    assert "runs_step_s" not in runs[2]  # the runs themselves are left as they were
+    even = report.median_run(runs[:2])  # of two, the faster (the lower median)
+    assert even["step_s"] == 0.10 and even["runs"] == 2
+    skipped = [{"case": "o2", "skipped": "time budget"}] * 2
+    assert report.median_run(skipped)["skipped"] == "time budget"
+    assert report.median_run(runs[:1]) is runs[0]
+
+
+def test_our_cases_train_the_recipes_lora(tmp_path: Path) -> None:
+    """A pair differs in the trainer alone: our runs take the recipe's rank, alpha and targets."""
+    run = runner.Bench("cpu", True, 64, 1, 1, 0, 1, tmp_path, model_dir=tmp_path / "model")
+    overrides = run.overrides(Case(recipe="ours", batch_size=2), tmp_path / "images")
+    cfg = compose_config(overrides)
+    settings = baseline.RecipeSettings()
+    assert (cfg.lora.rank, cfg.lora.alpha) == (settings.rank, settings.alpha)
+    assert cfg.lora.dropout == 0  # the recipe's LoraConfig has no dropout
+    assert sorted(cfg.lora.target_modules) == sorted(baseline.LORA_TARGETS)
+    assert cfg.lora.init_lora_weights == "gaussian"
+    assert compose_config([]).lora.dropout > 0  # the project's own default is left alone
 
 
 # --------------------------------------------------------------------------- the baselines

@@ -12,7 +12,8 @@ _JITTER_PROBE = """
 import json, lightning as L
 from lightning_lora.clients.backoff import backoff_delay
 from lightning_lora.worker.broker import BrokerSettings
-from lightning_lora.worker.consumer import Consumer, Delivery, Outcome
+from lightning_lora.worker.consumer import Consumer
+from lightning_lora.worker.deliveries import Delivery, Outcome
 from lightning_lora.clients.webhook_client import WebhookClient
 L.seed_everything(5, verbose=False)
 consumer = Consumer(BrokerSettings(), lambda d: None)

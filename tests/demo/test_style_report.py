@@ -34,6 +34,11 @@ def test_the_demo_lora_moves_samples_at_least_30_percent_closer_to_the_style(
     prompts = len(cfg.validation.prompts)
     assert grid.height == 2 * 64 * 2 and grid.width > prompts * 64 * 2  # two rows, x2, labels
     assert (tmp_path / "samples" / "loss_curve.png").stat().st_size > 1000
+    # the model card beside the LoRA shows the final sample grid, copied beside it
+    card = (tmp_path / "lora" / "README.md").read_text(encoding="utf-8")
+    assert 'instance_prompt: "lldemo"' in card and "](samples.png)" in card
+    final = (tmp_path / "samples" / "epoch_0040.png").read_bytes()
+    assert (tmp_path / "lora" / "samples.png").read_bytes() == final
 
 
 def test_the_comparison_grid_puts_the_base_row_over_the_lora_row() -> None:

@@ -16,17 +16,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from omegaconf import OmegaConf
+from PIL import Image
 
 from lightning_lora.callbacks.s3_checkpoint import S3CheckpointCallback
 from lightning_lora.clients.contract import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
 from lightning_lora.clients.storage import S3Storage
 from lightning_lora.config import compose_config
 from lightning_lora.errors import InvalidImageError, UploadError
-from lightning_lora.jobs.layout import checkpoint_prefix
+from lightning_lora.jobs.layout import (
+    checkpoint_prefix,
+    kohya_key,
+    model_card_key,
+    model_key,
+    samples_key,
+)
 from lightning_lora.jobs.report import JobReport
 from lightning_lora.jobs.runner import report_completion, run_reported_training
+from lightning_lora.lora.export import read_metadata
+from lightning_lora.lora.model_card import SAMPLES_NAME, markdown_text
 from lightning_lora.training.run import TrainResult
 from lightning_lora.worker.cli import compose_worker_config
+from tests.lora.test_model_card import outside_code, split_card
 from tests.support.production_run import (
     FAST,
     NO_LOGGER,
@@ -221,3 +232,112 @@ def test_a_dora_job_delivers_the_diffusers_file_only_and_drops_a_stale_kohya_fil
     assert kohya_url is None and model_url.endswith(model_key(7))
     assert kohya_key(7) not in set(s3_env.list_keys("models/style_7/"))
     assert model_key(7) in set(s3_env.list_keys("models/style_7/"))
+
+
+class SamplesRefused(S3Storage):
+    """The bucket, except that the store refuses the samples grid: its upload goes to a bucket
+    that does not exist on the same S3 server, which answers NoSuchBucket (a real error)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refused: list[str] = []
+
+    def upload_file(self, path: Any, key: str, extra_metadata: Any = None) -> str:
+        if key != samples_key(STYLE_ID):
+            return super().upload_file(path, key, extra_metadata)
+        self.refused.append(key)
+        missing = S3Storage(
+            bucket=f"missing-{uuid.uuid4().hex[:12]}",
+            endpoint_url=self.endpoint_url,
+            retry_budget_s=0,
+        )
+        return missing.upload_file(path, key, extra_metadata)
+
+
+PROMPTS = (
+    "validation.prompts=['a red circle, in the style of {token}','a blue square']",
+    "validation.num_inference_steps=2",
+)
+JOB_TOKEN = '<b>x</b>"]: ${oc.env:HOME} ](javascript:a) # license: mit ```'
+"""A style token a job message may carry (no control characters), hostile everywhere else."""
+
+
+def _card(storage: S3Storage, tmp_path: Path) -> tuple[dict[str, Any], str]:
+    text = storage.download_file(model_card_key(STYLE_ID), tmp_path / "dl" / "README.md")
+    return split_card(text.read_text(encoding="utf-8"))
+
+
+@pytest.mark.slow
+def test_samples_and_card_are_delivered_and_the_jobs_token_stays_data(
+    make_cfg: Callable[..., Any],
+    webhook_receiver: WebhookReceiver,
+    s3_env: S3Storage,
+    tmp_path: Path,
+) -> None:
+    cfg = make_cfg(*FAST, "trainer.max_epochs=1", *NO_LOGGER, *PROMPTS)
+    with sender_for(webhook_receiver) as sender:
+        result = run_reported_training(
+            cfg, JobReport(sender, STYLE_ID), s3_env, resume=False, style_token=JOB_TOKEN
+        )
+    (complete,) = to(webhook_receiver.requests, COMPLETE_PATH)
+    assert set(complete.json) == {"style_id", "model_url", "metadata"}  # the contract's fields
+    meta = complete.json["metadata"]
+    bucket = s3_env.bucket
+    assert meta["samples_url"] == f"s3://{bucket}/models/style_{STYLE_ID}/samples.png"
+    assert meta["model_card_url"] == f"s3://{bucket}/models/style_{STYLE_ID}/README.md"
+    assert complete.json["model_url"] == f"s3://{bucket}/{model_key(STYLE_ID)}"
+    # the grid drawn with the job's token, as the run wrote it beside the LoRA
+    assert result.sample_prompts == [f"a red circle, in the style of {JOB_TOKEN}", "a blue square"]
+    assert result.lora is not None and result.lora.samples is not None
+    grid = s3_env.download_file(samples_key(STYLE_ID), tmp_path / "dl" / "samples.png")
+    assert grid.read_bytes() == result.lora.samples.read_bytes()
+    assert Image.open(grid).size == (2 * 64, 64)  # one row, one column per prompt
+    # the token is literal text: recorded as the trigger, never in the config or resolved
+    assert result.metadata["lightning_lora_trigger"] == JOB_TOKEN
+    assert read_metadata(result.lora.diffusers)["lightning_lora_trigger"] == JOB_TOKEN
+    assert JOB_TOKEN not in OmegaConf.to_yaml(cfg)
+    # the delivered card: the bucket's file names, the grid, the token as data
+    front, body = _card(s3_env, tmp_path)
+    assert set(front) == {"instance_prompt", "library_name", "tags"}
+    assert front["instance_prompt"] == JOB_TOKEN
+    prose = outside_code(body)
+    assert "<b>" not in prose and "](javascript" not in prose and "\n# license" not in prose
+    assert JOB_TOKEN not in prose and markdown_text(JOB_TOKEN) in prose
+    assert f"]({SAMPLES_NAME})" in body
+    assert f"1. {markdown_text(result.sample_prompts[0])}" in body
+    assert 'weight_name="lora_weights.safetensors"' in body and "<lora:lora_kohya:1>" in body
+    assert "| epochs | 1 |" in body and f"| rank | {cfg.lora.rank} |" in body
+    # the run's own card, in its folder, names the local files
+    assert result.lora.card is not None
+    assert "pytorch_lora_weights.safetensors" in result.lora.card.read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_a_samples_upload_the_store_refuses_still_completes_once_without_its_url(
+    make_cfg: Callable[..., Any],
+    webhook_receiver: WebhookReceiver,
+    s3_env: S3Storage,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage = SamplesRefused.from_env(retry_budget_s=2, connect_timeout_s=2, read_timeout_s=10)
+    assert isinstance(storage, SamplesRefused)
+    cfg = make_cfg(*FAST, "trainer.max_epochs=1", *NO_LOGGER, *PROMPTS)
+    caplog.set_level(logging.WARNING, logger="lightning_lora")
+    with sender_for(webhook_receiver) as sender:
+        result = run_reported_training(cfg, JobReport(sender, STYLE_ID), storage, resume=False)
+    assert storage.refused == [samples_key(STYLE_ID)]  # the upload was tried, and refused
+    assert to(webhook_receiver.requests, FAILED_PATH) == []
+    (complete,) = to(webhook_receiver.requests, COMPLETE_PATH)
+    meta = complete.json["metadata"]
+    assert "samples_url" not in meta
+    assert meta["model_card_url"].endswith(model_card_key(STYLE_ID))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("samples not uploaded" in m and "NoSuchBucket" in m for m in warned), warned
+    keys = set(s3_env.list_keys(f"models/style_{STYLE_ID}/"))
+    assert keys == {model_key(STYLE_ID), kohya_key(STYLE_ID), model_card_key(STYLE_ID)}
+    # the delivered card does not link a grid that is not there; the run's own card does
+    _, body = _card(s3_env, tmp_path)
+    assert SAMPLES_NAME not in body and "![" not in body
+    assert result.lora is not None and result.lora.card is not None
+    assert f"]({SAMPLES_NAME})" in result.lora.card.read_text(encoding="utf-8")

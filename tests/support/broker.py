@@ -101,6 +101,7 @@ def broker_settings(shared_broker: str) -> Iterator[BrokerSettings]:
         with channel() as ch:
             ch.queue_delete(result.queue)
             ch.queue_delete(result.dlq)
+            ch.queue_delete(result.cancels)
 
 
 @contextmanager

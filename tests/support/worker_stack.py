@@ -9,8 +9,10 @@ receiver, publish as the platform backend does, and build deliveries by hand.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +27,7 @@ from lightning_lora.clients.storage import S3Storage
 from lightning_lora.jobs.layout import checkpoint_prefix
 from lightning_lora.worker.app import TrainingWorker, split_config
 from lightning_lora.worker.broker import BrokerSettings
-from lightning_lora.worker.consumer import Delivery
+from lightning_lora.worker.deliveries import Delivery
 from lightning_lora.worker.settings import load_settings
 from tests.conftest import TINY_OVERRIDES, composed
 from tests.support.broker import channel
@@ -153,6 +155,32 @@ def _stop(proc: subprocess.Popen) -> str:
     return Path(proc.log_path).read_text(encoding="utf-8", errors="replace")
 
 
+def _two_workers(stack, node, tmp_path: Path, *extra: str) -> tuple[list, BrokerSettings]:
+    """Two worker subprocesses on the private node's queue (connection names w1, w2)."""
+    broker = stack["broker"].replace(port=node.port, heartbeat=5)
+    procs = []
+    for name in ("w1", "w2"):
+        env = {
+            "RABBITMQ_PORT": str(node.port),
+            "RABBITMQ_CONNECTION_NAME": f"{broker.queue}-{name}",
+        }
+        procs.append(
+            _spawn_worker(stack, *extra, log_path=tmp_path / f"{name}.log", env=env, broker=broker)
+        )
+    return procs, broker
+
+
+def _shutdown_all(procs: list) -> str:
+    """SIGTERM every worker process, wait for each, and return their logs together."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(60)
+    return "\n".join(_stop(p) for p in procs)
+
+
 def _accepted(receiver, path: str, style_id: int) -> list:
     return [
         r
@@ -163,14 +191,23 @@ def _accepted(receiver, path: str, style_id: int) -> list:
 
 def _guide_publish(settings: BrokerSettings, body: dict) -> None:
     """Publish exactly as the platform backend's own code does (the service guide)."""
+    _guide_send(settings, settings.queue, body)
+
+
+def _guide_cancel(settings: BrokerSettings, style_id: int) -> None:
+    """Cancel a style's job as the README's backend snippet does (the cancel queue)."""
+    _guide_send(settings, settings.cancels, {"style_id": style_id})
+
+
+def _guide_send(settings: BrokerSettings, queue: str, body: dict) -> None:
     params = pika.ConnectionParameters(host=settings.host, port=settings.port)
     connection = pika.BlockingConnection(params)
     try:
         channel = connection.channel()
-        channel.queue_declare(queue=settings.queue, durable=True)
+        channel.queue_declare(queue=queue, durable=True)
         channel.basic_publish(
             exchange="",
-            routing_key=settings.queue,
+            routing_key=queue,
             body=json.dumps(body),
             properties=pika.BasicProperties(delivery_mode=2),
         )

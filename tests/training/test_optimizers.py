@@ -28,16 +28,32 @@ def _module(*overrides: str):
     )
 
 
-def test_the_default_is_the_previous_adamw() -> None:
+def test_the_default_is_the_previous_adamw_with_the_multi_tensor_update() -> None:
     node = composed(*TINY_OVERRIDES).module.optimizer
     assert dict(node) == {
-        "_target_": "torch.optim.AdamW",
+        "_target_": "lightning_lora.training.optimizers.adamw",
         "_partial_": True,
         "lr": 1e-4,
         "weight_decay": 1e-2,
         "eps": 1e-8,
         "fused": None,
+        "foreach": True,
     }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fused", "foreach"),
+    [
+        ((), None, True),
+        (("module.optimizer.fused=true",), True, None),  # torch refuses fused and foreach both
+        (("module/optimizer=adamw_fused",), True, None),
+        (("module.optimizer.foreach=null",), None, None),
+    ],
+)
+def test_fused_alone_asks_for_the_fused_kernel(overrides, fused, foreach, tiny_model) -> None:
+    optimizer = _module(*overrides).configure_optimizers()["optimizer"]
+    assert type(optimizer) is torch.optim.AdamW
+    assert (optimizer.defaults["fused"], optimizer.defaults["foreach"]) == (fused, foreach)
 
 
 @pytest.mark.parametrize("choice", CHOICES)

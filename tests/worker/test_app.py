@@ -43,7 +43,8 @@ from lightning_lora.jobs.layout import checkpoint_prefix, model_key, outcome_key
 from lightning_lora.worker.app import TrainingWorker, split_config
 from lightning_lora.worker.broker import BrokerSettings, publish_job
 from lightning_lora.worker.cli import compose_worker_config
-from lightning_lora.worker.consumer import Consumer, Outcome
+from lightning_lora.worker.consumer import Consumer
+from lightning_lora.worker.deliveries import Outcome
 from lightning_lora.worker.settings import load_settings
 from tests.support.broker import depth, get, running, wait_for
 from tests.support.net import closed_port

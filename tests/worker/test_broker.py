@@ -11,7 +11,8 @@ import pytest
 
 from lightning_lora.clients.contract import COMPLETE_PATH
 from lightning_lora.worker.broker import BrokerSettings, TopologyError, declare_topology
-from lightning_lora.worker.consumer import Consumer, Outcome
+from lightning_lora.worker.consumer import Consumer
+from lightning_lora.worker.deliveries import Outcome
 from tests.support.broker import channel, depth, running, wait_for
 from tests.support.worker_stack import _guide_declare, _guide_publish, _job, _wait_terminal, _worker
 

@@ -10,7 +10,6 @@ restarts, ``tests/support/broker_node.py``), moto's S3 server over HTTP, real we
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -47,10 +46,12 @@ from tests.support.worker_stack import (
     _job,
     _kill,
     _rabbitmqctl,
+    _shutdown_all,
     _spawn_logged,
     _spawn_worker,
     _stop,
     _terminal,
+    _two_workers,
     _wait_terminal,
 )
 
@@ -89,7 +90,7 @@ def test_the_new_options_compose_under_the_worker_config() -> None:
     ]
     # the training config's defaults are unchanged by the worker config
     plain = compose_worker_config(["model=tiny"])
-    assert plain.module.optimizer._target_ == "torch.optim.AdamW"
+    assert plain.module.optimizer._target_ == "lightning_lora.training.optimizers.adamw"
     assert (plain.module.loss, plain.module.timestep_sampling) == ("l2", "uniform")
     assert not plain.module.ema.enabled and not plain.lora.text_encoder.enabled
     assert build_lora_configs(plain.lora)[1] is None
@@ -408,21 +409,6 @@ def test_sigterm_checkpoints_requeues_and_exits_zero(stack) -> None:
     assert TOKEN not in out
 
 
-def _two_workers(stack, node, tmp_path: Path, *extra: str) -> tuple[list, BrokerSettings]:
-    """Two worker subprocesses on the private node's queue (connection names w1, w2)."""
-    broker = stack["broker"].replace(port=node.port, heartbeat=5)
-    procs = []
-    for name in ("w1", "w2"):
-        env = {
-            "RABBITMQ_PORT": str(node.port),
-            "RABBITMQ_CONNECTION_NAME": f"{broker.queue}-{name}",
-        }
-        procs.append(
-            _spawn_worker(stack, *extra, log_path=tmp_path / f"{name}.log", env=env, broker=broker)
-        )
-    return procs, broker
-
-
 def _holder_proc(storage, procs: list, style_id: int) -> subprocess.Popen:
     """The worker process that holds the style's (only) run lease."""
     keys = [k for k in storage.list_keys(f"checkpoints/style_{style_id}/") if "lease" in k]
@@ -431,16 +417,6 @@ def _holder_proc(storage, procs: list, style_id: int) -> subprocess.Popen:
     holder = Holder.from_json(record["holder"])
     (proc,) = [p for p in procs if p.pid == holder.pid]
     return proc
-
-
-def _shutdown(procs: list) -> str:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(60)
-    return "\n".join(_stop(p) for p in procs)
 
 
 def _queue_depth(node, broker: BrokerSettings) -> int:
@@ -462,10 +438,10 @@ def test_two_workers_and_a_broker_fault_mid_job_report_once(
         assert wait_for(
             lambda: sum("worker consuming" in Path(p.log_path).read_text() for p in procs) == 2,
             120,
-        ), _shutdown(procs)
+        ), _shutdown_all(procs)
         _guide_publish(broker, _job(stack, 211))
         assert receiver.wait_for(lambda reqs: any(r.path == PROGRESS_PATH for r in reqs), 240), (
-            _shutdown(procs)
+            _shutdown_all(procs)
         )
         running_proc = _holder_proc(storage, procs, 211)
         if fault == "broker-restart":
@@ -479,7 +455,7 @@ def test_two_workers_and_a_broker_fault_mid_job_report_once(
         assert wait_for(lambda: _queue_depth(private_broker, broker) == 0, 120)
         time.sleep(2)  # room for a (wrong) second completion
     finally:
-        logs = _shutdown(procs)
+        logs = _shutdown_all(procs)
     assert len(_accepted(receiver, COMPLETE_PATH, 211)) == 1, logs[-4000:]
     assert _terminal(receiver, 211) == [done]
     starts = [

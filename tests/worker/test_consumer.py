@@ -14,7 +14,8 @@ import time
 import pytest
 
 from lightning_lora.worker.broker import BrokerSettings, publish_job
-from lightning_lora.worker.consumer import Consumer, Delivery, Outcome, Settlement
+from lightning_lora.worker.consumer import Consumer
+from lightning_lora.worker.deliveries import Delivery, Outcome, Settlement
 from tests.support.broker import JOB, depth, get, running, wait_for
 
 
