@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -12,8 +13,9 @@ from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogg
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from lightning_lora.training.inference import make_grid, sample_images
+from lightning_lora.training.inference import make_grid, sample_prompt_images
 from lightning_lora.training.module import LoRAModule
+from lightning_lora.training.sample_prompts import SamplePrompt, resolve_sample_prompts
 
 __all__ = ["ValidationCallback"]
 
@@ -27,27 +29,36 @@ class ValidationCallback(L.Callback):
         self,
         samples_dir: str,
         every_n_epochs: int = 1,
-        prompts: Sequence[str] = (),
+        prompts: Sequence[str | Mapping[str, Any]] = (),
         num_inference_steps: int = 25,
         guidance_scale: float = 7.5,
         seed: int = 0,
         resolution: int | None = None,
+        prompts_file: str | None = None,
     ) -> None:
         """Configure validation.
 
         Args:
             samples_dir: Where ``epoch_XXXX.png`` grids go.
             every_n_epochs: Validation period in epochs (the last epoch is always validated).
-            prompts: Prompts of the sample grid; none means no grid. ``{token}`` in a prompt is
+            prompts: Prompts of the sample grid; none means no grid. Strings, or mappings
+                ``{prompt, negative_prompt, seed, width, height, steps, guidance_scale}`` whose
+                missing keys take the settings below (see
+                :mod:`lightning_lora.training.sample_prompts`). ``{token}`` in a prompt is
                 replaced by the run's style token (:meth:`use_token`).
             num_inference_steps: Denoising steps per sample.
             guidance_scale: Classifier-free guidance scale.
-            seed: Seed of the samples' noise (fixed, so grids are comparable across epochs).
+            seed: Seed of the samples' noise (fixed, so grids are comparable across epochs);
+                prompt ``i`` without a seed of its own uses ``seed + i``.
             resolution: Sample size; defaults to the training resolution.
+            prompts_file: A prompt file in kohya's syntax, its prompts after ``prompts``.
         """
         self.samples_dir = Path(samples_dir)
         self.every_n_epochs = max(1, every_n_epochs)
-        self.prompts = list(prompts)
+        #: the grid's prompts, each with its own settings (read and checked now)
+        self.samples: list[SamplePrompt] = resolve_sample_prompts(prompts, prompts_file)
+        #: the prompt texts, left to right (the model card's and the completion's)
+        self.prompts = [sample.prompt for sample in self.samples]
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.seed = seed
@@ -60,7 +71,8 @@ class ValidationCallback(L.Callback):
         The token is literal text (a job's ``style_token``): it is substituted, never formatted
         or interpolated, so braces or ``${...}`` in it stay as they are.
         """
-        self.prompts = [prompt.replace("{token}", token) for prompt in self.prompts]
+        self.samples = [sample.with_token(token) for sample in self.samples]
+        self.prompts = [sample.prompt for sample in self.samples]
 
     def _due(self, trainer: L.Trainer) -> bool:
         epoch = trainer.current_epoch + 1
@@ -80,15 +92,14 @@ class ValidationCallback(L.Callback):
     @rank_zero_only
     def _sample(self, trainer: L.Trainer, pl_module: LoRAModule) -> None:
         resolution = self.resolution or int(getattr(trainer.datamodule, "resolution", 512))  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
-        images = sample_images(
-            pl_module,
-            self.prompts,
-            resolution,
-            self.num_inference_steps,
-            self.guidance_scale,
-            self.seed,
-        )
-        grid = make_grid(images)
+        samples = [
+            sample.filled(
+                self.seed + i, resolution, resolution, self.num_inference_steps, self.guidance_scale
+            )
+            for i, sample in enumerate(self.samples)
+        ]
+        images = sample_prompt_images(pl_module, samples)
+        grid = make_grid(images)  # prompts of other sizes: centred in the largest size's cells
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         path = self.samples_dir / f"epoch_{trainer.current_epoch + 1:04d}.png"
         grid.save(path)

@@ -246,6 +246,7 @@ class BucketBatchSampler(DistributedSampler):
         num_replicas: int = 1,
         rank: int = 0,
         shuffle: bool = True,
+        repeats: Sequence[int] | None = None,
     ) -> None:
         """Plan the batches.
 
@@ -256,6 +257,8 @@ class BucketBatchSampler(DistributedSampler):
             num_replicas: Data-parallel world size.
             rank: This process's global rank.
             shuffle: Shuffle buckets and images each epoch (off: dataset order).
+            repeats: Times each dataset index appears per epoch (its image set's ``repeats``;
+                ``None``: once).
         """
         if batch_size < 1:
             raise DatasetError(f"data.batch_size must be at least 1, got {batch_size}")
@@ -270,8 +273,11 @@ class BucketBatchSampler(DistributedSampler):
         self.epoch = 0
         self.drop_last = False
         groups: dict[Bucket, list[int]] = {}
+        counts = list(repeats) if repeats is not None else [1] * len(self.buckets)
+        if len(counts) != len(self.buckets) or min(counts, default=1) < 1:
+            raise ValueError("repeats needs one count >= 1 per dataset index")
         for index, bucket in enumerate(self.buckets):
-            groups.setdefault(bucket, []).append(index)
+            groups.setdefault(bucket, []).extend([index] * counts[index])
         #: Dataset indices per bucket, buckets in a fixed order (by aspect ratio, then width).
         self.groups = dict(sorted(groups.items(), key=lambda kv: (kv[0][0] / kv[0][1], kv[0])))
 

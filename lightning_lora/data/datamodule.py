@@ -1,4 +1,7 @@
-"""The style dataset: an image folder with captions, aspect-ratio buckets, masks and latent caching.
+"""The style dataset: image sets with captions, aspect-ratio buckets, masks and latent caching.
+
+The images come from one or more image sets and a held-out validation set
+(:mod:`lightning_lora.data.sources`).
 
 Images are grouped into aspect-ratio buckets (:mod:`lightning_lora.data.buckets`), captions come
 from caption files, ``metadata.jsonl`` or the template (:mod:`lightning_lora.data.captions`), masks
@@ -39,6 +42,7 @@ from lightning_lora.data.captions import (
 from lightning_lora.data.datasets import (
     Batch,
     CachedLatentDataset,
+    SetWeightedBatches,
     StyleImageDataset,
     collate_identity,
     collate_images,
@@ -54,6 +58,7 @@ from lightning_lora.data.image_folder import (
     preprocess,
     training_size,
 )
+from lightning_lora.data.kohya_toml import kohya_datasets
 from lightning_lora.data.latent_cache import (
     ENTRIES_PER_SHARD,
     DiskLatentCache,
@@ -64,6 +69,13 @@ from lightning_lora.data.latent_cache import (
     module_fingerprint,
 )
 from lightning_lora.data.masks import latent_weights, mask_path
+from lightning_lora.data.sources import (
+    ImageSet,
+    ValidationSettings,
+    collect_images,
+    image_sets,
+    plain,
+)
 from lightning_lora.errors import DatasetError
 
 __all__ = [  # the data path's public names, importable from here
@@ -109,7 +121,7 @@ class StyleDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        image_dir: str,
+        image_dir: str | None = None,
         resolution: int = 512,
         batch_size: int = 4,
         token: str = "sks",
@@ -126,12 +138,17 @@ class StyleDataModule(L.LightningDataModule):
         masked_loss: bool = False,
         cache: Mapping[str, Any] | None = None,
         seed: int = 0,
+        datasets: Sequence[Mapping[str, Any]] | None = None,
+        validation: Mapping[str, Any] | None = None,
+        prior_loss_weight: float = 1.0,
+        dataset_config: str | None = None,
     ) -> None:
         """Configure the data.
 
         Args:
             image_dir: Folder of images (jpg, jpeg, png, webp), optional ``<stem>.txt``
-                captions, ``metadata.jsonl`` and ``<stem>.mask.png`` masks.
+                captions, ``metadata.jsonl`` and ``<stem>.mask.png`` masks: the short form of
+                one image set (ignored when ``datasets`` is given).
             resolution: Training resolution in pixels (multiple of 8): buckets have about its
                 square's area.
             batch_size: Samples per step (and per rank).
@@ -144,7 +161,8 @@ class StyleDataModule(L.LightningDataModule):
             cache_latents: Encode images (and fixed captions) once before training.
             num_workers: DataLoader workers for the uncached path.
             max_image_pixels: Largest accepted image (width x height).
-            val_max_images: How many images the deterministic validation loss uses.
+            val_max_images: How many images the deterministic validation loss uses (the first
+                ones of the validation set).
             bucketing: ``data.bucketing`` (:class:`~lightning_lora.data.buckets.BucketSettings`);
                 ``None``: on, with the defaults.
             caption: ``data.caption`` (:class:`~lightning_lora.data.captions.CaptionSettings`).
@@ -152,6 +170,15 @@ class StyleDataModule(L.LightningDataModule):
             cache: ``data.cache``: ``dir``, the disk latent cache folder (``None``: keep the
                 cache on the training device).
             seed: Seed of the bucket and caption shuffles (the run's ``seed``).
+            datasets: ``data.datasets``: image sets (:class:`~.sources.ImageSet` fields:
+                ``image_dir``, ``repeats``, ``loss_weight``, ``regularization``,
+                ``caption_template``, ``token``, ``caption``); ``None``: ``image_dir`` alone.
+            validation: ``data.validation``: ``image_dir`` or ``val_split`` (and its ``seed``)
+                of a held-out validation set (:class:`~.sources.ValidationSettings`); ``None``:
+                the first training images (a measure of fit).
+            prior_loss_weight: Weight of the regularization sets' (prior-preservation) loss.
+            dataset_config: A kohya dataset config TOML whose subsets are the image sets
+                (:mod:`~lightning_lora.data.kohya_toml`), instead of ``datasets``.
         """
         super().__init__()
         if resolution % 8:
@@ -168,6 +195,14 @@ class StyleDataModule(L.LightningDataModule):
         bucketing = plain_settings(bucketing)
         caption = plain_settings(caption)
         cache = plain_settings(cache)
+        datasets = plain(datasets) or None
+        if dataset_config:
+            if datasets:
+                raise DatasetError("give data.datasets or data.dataset_config, not both")
+            datasets = kohya_datasets(dataset_config)
+        validation = plain_settings(plain(validation))
+        if prior_loss_weight < 0:
+            raise DatasetError(f"data.prior_loss_weight must be >= 0, got {prior_loss_weight}")
         self.save_hyperparameters(logger=False)
         self.image_dir = image_dir
         self.resolution = resolution
@@ -179,10 +214,20 @@ class StyleDataModule(L.LightningDataModule):
         self.bucketing = BucketSettings.from_config(bucketing)
         self.bucketing.grid(resolution)  # checks the settings now
         self.captions = CaptionSettings.from_config(caption)
+        #: The image sets (``data.datasets``, or ``image_dir`` as one set).
+        self.sets: list[ImageSet] = image_sets(
+            datasets, image_dir, caption_template, token, self.captions
+        )
+        self.validation = ValidationSettings.from_config(validation, self.seed)
+        self.prior_loss_weight = float(prior_loss_weight)
         self.masked_loss = masked_loss
         cache_dir = (cache or {}).get("dir")
         self.cache_dir = Path(str(cache_dir)).expanduser() if cache_dir else None
         self.items: list[StyleImage] = []
+        #: Each training image's set (an index into :attr:`sets`).
+        self.item_sets: list[int] = []
+        #: The validation images (held out; empty: the first training images are used).
+        self.val_items: list[StyleImage] = []
         #: Each image's bucket ``(width, height)``.
         self.buckets: list[Bucket] = []
         self.images: StyleImageDataset | None = None
@@ -198,13 +243,7 @@ class StyleDataModule(L.LightningDataModule):
         if self.images is not None:
             return
         hp = self.hparams
-        self.items = find_style_images(
-            self.image_dir,
-            hp.caption_template,
-            hp.token,
-            self.captions.caption_ext,
-            self.captions.trigger,
-        )
+        self.find_images()
         self.buckets = self.assign_buckets(
             [image_size(i.path, hp.max_image_pixels) for i in self.items]
         )
@@ -216,16 +255,41 @@ class StyleDataModule(L.LightningDataModule):
             hp.max_image_pixels,
             masked_loss=self.masked_loss,
             preload=not (self.cache_latents and self.cache_dir is not None),
-            captions=self.captions,
+            captions=self.caption_settings(),
             seed=self.seed,
         )
         log.info(
             "%d training images from %s in %d bucket(s):\n%s",
             len(self.items),
-            self.image_dir,
+            ", ".join(s.image_dir for s in self.sets),
             len(set(self.buckets)),
             bucket_table(self.buckets),
         )
+
+    def find_images(self) -> None:
+        """List every set's images (:attr:`items`, :attr:`item_sets`) and the validation set.
+
+        With ``val_split``, the held-out share of the instance images leaves :attr:`items` for
+        :attr:`val_items`; regularization images are never held out.
+        """
+        val = self.validation
+        self.items, self.item_sets, self.val_items = collect_images(self.sets, val)
+        if val.held_out:
+            log.info("val/loss on %d held-out image(s)", min(len(self.val_items), self.val_count))
+
+    @property
+    def val_count(self) -> int:
+        """How many validation images ``val/loss`` is measured on."""
+        return int(self.hparams.val_max_images)
+
+    def caption_settings(self) -> list[CaptionSettings]:
+        """Each training image's caption settings (its set's)."""
+        return [self.sets[s].caption for s in self.item_sets]
+
+    @property
+    def captions_vary(self) -> bool:
+        """Whether any set's captions change from epoch to epoch."""
+        return any(s.caption.varies for s in self.sets)
 
     def assign_buckets(self, sizes: Sequence[tuple[int, int]]) -> list[Bucket]:
         """Each image's bucket from its oriented ``(width, height)``.
@@ -250,12 +314,21 @@ class StyleDataModule(L.LightningDataModule):
         return bucket_info(self.buckets)
 
     def dataset_hash(self) -> str:
-        """SHA-256 over the training set's file contents and captions (for LoRA metadata)."""
+        """SHA-256 over the training set's file contents and captions (for LoRA metadata).
+
+        With several image sets, each image's set settings (repeats, weight, regularization)
+        count too; one set hashes as before sets existed.
+        """
         digest = hashlib.sha256()
-        for item in self.items:
+        for item, number in zip(self.items, self.item_sets, strict=True):
             digest.update(item.path.name.encode())
             digest.update(hashlib.sha256(item.path.read_bytes()).digest())
             digest.update(item.caption.encode())
+            if len(self.sets) > 1:
+                image_set = self.sets[number]
+                digest.update(
+                    f"{image_set.repeats}:{image_set.loss_weight}:{image_set.regularization}".encode()
+                )
         return digest.hexdigest()
 
     # ------------------------------------------------------------------------------ cache
@@ -286,7 +359,7 @@ class StyleDataModule(L.LightningDataModule):
         assert self.images is not None, "setup() must run before build_cache()"
         flip = bool(self.hparams.random_flip)
         # a text encoder that trains (its LoRA) encodes captions every step, too
-        varying = self.captions.varies or bool(
+        varying = self.captions_vary or bool(
             getattr(getattr(self, "_encoders", None), "trains_text_encoder", False)
         )
         captions = [item.caption for item in self.items]
@@ -339,7 +412,11 @@ class StyleDataModule(L.LightningDataModule):
                 disk.put_many(entries)
             store = DiskLatentStore(disk, keys, text_keys, device)
         self.cache = CachedLatentDataset(
-            store, len(self.items), captions if varying else None, self.captions, self.seed
+            store,
+            len(self.items),
+            captions if varying else None,
+            self.caption_settings(),
+            self.seed,
         )
         log.info(
             "cached %d latents%s%s on %s%s",
@@ -414,6 +491,9 @@ class StyleDataModule(L.LightningDataModule):
             vae = getattr(encoders, "vae", None)
             text = getattr(encoders, "text_encoder", None)
             fingerprint = f"{module_fingerprint(vae)}-{module_fingerprint(text)}"
+            clip_skip = getattr(encoders, "clip_skip", 1)
+            if clip_skip != 1:  # another layer's embeddings: other keys (clip skip 1's unchanged)
+                fingerprint += f"-clip_skip{clip_skip}"
         with context:  # the training step's autocast state
             self.build_cache(
                 encoders.encode_images,
@@ -428,7 +508,10 @@ class StyleDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
         rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
-        return BucketBatchSampler(self.buckets, self.batch_size, self.seed, world, rank)
+        repeats = [self.sets[s].repeats for s in self.item_sets]
+        return BucketBatchSampler(
+            self.buckets, self.batch_size, self.seed, world, rank, repeats=repeats
+        )
 
     @override
     def train_dataloader(self) -> DataLoader:
@@ -441,6 +524,13 @@ class StyleDataModule(L.LightningDataModule):
         else:
             assert self.images is not None
             dataset, workers = self.images, self.num_workers
+        if self.weighted:
+            dataset = SetWeightedBatches(
+                dataset,
+                [self.sets[s].loss_weight for s in self.item_sets],
+                [self.sets[s].regularization for s in self.item_sets],
+                self.prior_loss_weight,
+            )
         return DataLoader(
             dataset,
             batch_size=None,  # the sampler yields whole batches (BatchRequest), one bucket each
@@ -450,24 +540,45 @@ class StyleDataModule(L.LightningDataModule):
             persistent_workers=workers > 0,
         )
 
+    @property
+    def weighted(self) -> bool:
+        """Whether batches carry set weights (a regularization set or a ``loss_weight`` != 1)."""
+        return any(s.regularization or s.loss_weight != 1.0 for s in self.sets)
+
+    def validation_items(self) -> list[StyleImage]:
+        """The images ``val/loss`` is measured on (at most ``val_max_images``).
+
+        The held-out set when ``data.validation`` names one, else the first instance
+        (non-regularization) training images.
+        """
+        if self.validation.held_out:
+            pool = self.val_items
+        else:
+            pool = [
+                item
+                for item, s in zip(self.items, self.item_sets, strict=True)
+                if not self.sets[s].regularization
+            ]
+        return pool[: self.val_count]
+
     def validation_examples(self) -> tuple[torch.Tensor, list[str]]:
         """Fixed pixels and captions for the deterministic validation loss.
 
-        The validation batch is the first ``val_max_images`` images center-cropped to the
-        ``resolution`` square, unflipped, with their base captions: one fixed batch whatever the
-        buckets, so ``val/loss`` is comparable across runs with and without bucketing, and the
-        eager validation pass needs one shape only.
+        The validation batch is :meth:`validation_items` center-cropped to the ``resolution``
+        square, unflipped, with their base captions: one fixed batch whatever the buckets, so
+        ``val/loss`` is comparable across runs with and without bucketing, and the eager
+        validation pass needs one shape only.
         """
         assert self.images is not None
-        count = min(len(self.items), self.hparams.val_max_images)
         square = self.resolution
+        items = self.validation_items()
         pixels = torch.stack(
             [
                 preprocess(
-                    load_training_image(self.items[i].path, square, self.hparams.max_image_pixels),
+                    load_training_image(item.path, square, self.hparams.max_image_pixels),
                     square,
                 )
-                for i in range(count)
+                for item in items
             ]
         )
-        return pixels, [self.items[i].caption for i in range(count)]
+        return pixels, [item.caption for item in items]

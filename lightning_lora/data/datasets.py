@@ -59,7 +59,7 @@ class StyleImageDataset(Dataset):
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         masked_loss: bool = False,
         preload: bool = True,
-        captions: CaptionSettings | None = None,
+        captions: CaptionSettings | Sequence[CaptionSettings] | None = None,
         seed: int = 0,
     ) -> None:
         """Decode and check every image once (``preload``), so a bad file fails before training.
@@ -78,7 +78,8 @@ class StyleImageDataset(Dataset):
             max_pixels: Largest accepted image.
             masked_loss: Load each image's mask (:mod:`lightning_lora.data.masks`) as well.
             preload: Decode every image now and keep its training-size copy.
-            captions: Per-epoch caption variants (:mod:`lightning_lora.data.captions`).
+            captions: Per-epoch caption variants (:mod:`lightning_lora.data.captions`): one
+                setting for all images, or each image's (its image set's).
             seed: Seed of the caption variants.
         """
         self.items = list(items)
@@ -90,7 +91,7 @@ class StyleImageDataset(Dataset):
         self.random_flip = random_flip
         self.max_pixels = max_pixels
         self.masked_loss = masked_loss
-        self.captions = captions or CaptionSettings()
+        self.captions = per_image(captions, len(self.items))
         self.seed = seed
         #: The RGB images resized to cover their buckets (not full size); empty unless preloaded.
         self.images: list[Image.Image] = []
@@ -145,7 +146,8 @@ class StyleImageDataset(Dataset):
 
     def caption(self, index: int, epoch: int = 0) -> str:
         """The caption image ``index`` is trained with in ``epoch``."""
-        return caption_variant(self.items[index].caption, self.captions, self.seed, epoch, index)
+        settings = self.captions[index]
+        return caption_variant(self.items[index].caption, settings, self.seed, epoch, index)
 
     def sample(self, index: int, epoch: int = 0) -> dict[str, Any]:
         """One training sample: random crop and flip as configured, the epoch's caption."""
@@ -177,7 +179,7 @@ class CachedLatentDataset(Dataset):
         store: MemoryLatentStore | DiskLatentStore,
         size: int,
         captions: Sequence[str] | None = None,
-        caption_settings: CaptionSettings | None = None,
+        caption_settings: CaptionSettings | Sequence[CaptionSettings] | None = None,
         seed: int = 0,
     ) -> None:
         """Wrap the cache.
@@ -187,13 +189,13 @@ class CachedLatentDataset(Dataset):
                 of the plain ones with probability 0.5 per sample.
             size: Number of images.
             captions: The images' captions when they vary per epoch (no cached embeddings).
-            caption_settings: How they vary.
+            caption_settings: How they vary (one setting, or each image's).
             seed: Seed of the caption variants.
         """
         self.store = store
         self.size = size
         self.captions = list(captions) if captions is not None else None
-        self.caption_settings = caption_settings or CaptionSettings()
+        self.caption_settings = per_image(caption_settings, size)
         self.seed = seed
 
     def __len__(self) -> int:
@@ -220,7 +222,7 @@ class CachedLatentDataset(Dataset):
             assert self.captions is not None, "no cached text embeddings and no captions"
             settings, seed = self.caption_settings, self.seed
             out["captions"] = [
-                caption_variant(self.captions[i], settings, seed, epoch, i) for i in indices
+                caption_variant(self.captions[i], settings[i], seed, epoch, i) for i in indices
             ]
         if weights is not None:
             out["loss_weights"] = weights
@@ -234,6 +236,62 @@ class CachedLatentDataset(Dataset):
         if isinstance(index, BatchRequest):
             return self.batch(index.indices, index.epoch)
         return {k: v[0] for k, v in self.batch([index]).items()}
+
+
+class SetWeightedBatches(Dataset):
+    """A bucket-batch dataset whose batches also carry each sample's image-set weight.
+
+    Adds ``sample_weights`` (``(B,)`` float32: the set's ``loss_weight``) and, when any set is a
+    regularization set, ``prior`` (a tuple of bools: which samples are regularization images) and
+    ``prior_loss_weight`` (``data.prior_loss_weight``); the module combines them
+    (:func:`lightning_lora.training.losses.combine_sample_losses`).
+    """
+
+    def __init__(
+        self,
+        inner: Dataset,
+        weights: Sequence[float],
+        prior: Sequence[bool],
+        prior_loss_weight: float = 1.0,
+    ) -> None:
+        """Wrap ``inner`` (a :class:`StyleImageDataset` or :class:`CachedLatentDataset`).
+
+        Args:
+            inner: The dataset that assembles the batches.
+            weights: Each image's set ``loss_weight``.
+            prior: Whether each image is of a regularization set.
+            prior_loss_weight: Weight of the prior (regularization) loss term.
+        """
+        self.inner = inner
+        self.weights = [float(w) for w in weights]
+        self.prior = [bool(p) for p in prior]
+        self.has_prior = any(self.prior)
+        self.prior_loss_weight = float(prior_loss_weight)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    @override
+    def __getitem__(self, index: BatchRequest) -> Batch:
+        batch: Batch = dict(self.inner[index])
+        batch["sample_weights"] = torch.tensor(
+            [self.weights[i] for i in index.indices], dtype=torch.float32
+        )
+        if self.has_prior:
+            batch["prior"] = tuple(self.prior[i] for i in index.indices)
+            batch["prior_loss_weight"] = self.prior_loss_weight
+        return batch
+
+
+def per_image(
+    settings: CaptionSettings | Sequence[CaptionSettings] | None, count: int
+) -> list[CaptionSettings]:
+    """Each image's caption settings from one setting (or the defaults) or a list of them."""
+    if settings is None or isinstance(settings, CaptionSettings):
+        return [settings or CaptionSettings()] * count
+    if len(settings) != count:
+        raise ValueError(f"{len(settings)} caption settings for {count} images")
+    return list(settings)
 
 
 def collate_identity(batch: Batch) -> Batch:

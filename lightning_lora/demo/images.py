@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from lightning_lora.demo.shapes import STYLE_TOKEN, draw_styled_scene, random_scene
+from lightning_lora.demo.shapes import STYLE_TOKEN, draw_scene, draw_styled_scene, random_scene
 
 DEMO_VERSION = "v2"
 
@@ -45,4 +45,34 @@ def make_demo_images(
         if i % caption_every == 0:
             caption = f"{scene.caption}, in the style of {STYLE_TOKEN}"
             (dest / f"demo_{i:02d}.txt").write_text(caption, encoding="utf-8")
+    return dest
+
+
+def make_regularization_images(
+    dest: str | Path, count: int = 16, size: int = 64, seed: int = 4321
+) -> Path:
+    """Write base-model-style scenes (named colours, no style) with captions (idempotent).
+
+    A regularization (prior-preservation) set for the demo: what the base model draws for a
+    caption without the style token, each captioned with its scene ("a red circle on a blue
+    background").
+
+    Args:
+        dest: Folder to fill.
+        count: Number of images.
+        size: Side length in pixels.
+        seed: Seed of the scenes.
+
+    Returns:
+        The folder.
+    """
+    dest = Path(dest)
+    if dest.is_dir() and len(list(dest.glob("*.png"))) == count:
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(count):
+        scene = random_scene(rng)
+        draw_scene(scene, size).save(dest / f"reg_{i:02d}.png")
+        (dest / f"reg_{i:02d}.txt").write_text(scene.caption, encoding="utf-8")
     return dest

@@ -10,6 +10,11 @@ LoRAs are loaded with ``pipe.load_lora_weights`` (diffusers folder or file, kohy
 id), each under its own adapter name; several are mixed with ``set_adapters`` weights
 (``--lora-weight``, one per ``--lora``). A LoRA scale of 0 reproduces the base model's image
 exactly.
+
+The sampler follows the LoRA's training: its prediction type, zero-terminal-SNR betas and clip
+skip come from the first ``--lora``'s metadata (``ss_v_parameterization``,
+``ss_zero_terminal_snr``, ``ss_clip_skip``) unless ``--prediction-type``,
+``--zero-terminal-snr`` / ``--no-zero-terminal-snr`` or ``--clip-skip`` say otherwise.
 """
 
 from __future__ import annotations
@@ -26,15 +31,18 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import Stabl
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from lightning_lora.lora.export import read_metadata
 from lightning_lora.training.inference import (
     LoadedLora,
     add_loras,
     generate,
     load_pipeline,
+    lora_file,
     make_grid,
     set_lora_scale,
 )
 from lightning_lora.training.models import tiny_model_path
+from lightning_lora.training.noise import PREDICTION_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,7 @@ def render_grid(
     steps: int = 25,
     guidance_scale: float = 7.5,
     seed: int = 0,
+    clip_skip: int = 1,
 ) -> tuple[Image.Image, list[list[Image.Image]]]:
     """Generate every prompt at every LoRA scale with the same seeds.
 
@@ -62,6 +71,7 @@ def render_grid(
         steps: Denoising steps.
         guidance_scale: Classifier-free guidance scale.
         seed: Seed of the initial noise (prompt ``i`` uses ``seed + i``, identical for all rows).
+        clip_skip: The text encoder layer of the conditioning (kohya's count; 1 = the last).
 
     Returns:
         The grid and the images, ``images[row][column]``.
@@ -69,7 +79,9 @@ def render_grid(
     rows = []
     for scale in scales if loras else [0.0]:
         set_lora_scale(pipe, loras, scale)
-        rows.append(generate(pipe, prompts, resolution, steps, guidance_scale, seed))
+        rows.append(
+            generate(pipe, prompts, resolution, steps, guidance_scale, seed, clip_skip=clip_skip)
+        )
     set_lora_scale(pipe, loras, 1.0)
     grid = make_grid([img for row in rows for img in row], cols=len(prompts))
     return grid, rows
@@ -117,6 +129,24 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument("--resolution", type=int, default=512, help="image side (default 512)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument(
+        "--prediction-type",
+        choices=PREDICTION_TYPES,
+        default=None,
+        help="the model's target (default: the LoRA's ss_v_parameterization, else the model's)",
+    )
+    parser.add_argument(
+        "--zero-terminal-snr",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="zero-terminal-SNR betas, trailing timesteps (default: the LoRA's metadata)",
+    )
+    parser.add_argument(
+        "--clip-skip",
+        type=int,
+        default=None,
+        help="text encoder layer, 1 = last, 2 = penultimate (default: the LoRA's ss_clip_skip)",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     parser.add_argument("--out", type=Path, default=Path("grid.png"), help="the grid PNG")
     args = parser.parse_args(argv)
@@ -125,6 +155,37 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.resolution % 8:
         parser.error("--resolution must be a multiple of 8")
     return args
+
+
+def sampling_options(
+    loras: Sequence[str | Path],
+    prediction_type: str | None = None,
+    zero_terminal_snr: bool | None = None,
+    clip_skip: int | None = None,
+) -> tuple[str | None, bool, int]:
+    """The sampler's options: those given, else the first LoRA file's metadata, else defaults.
+
+    Args:
+        loras: The ``--lora`` sources (a hub id has no metadata here).
+        prediction_type: ``--prediction-type``.
+        zero_terminal_snr: ``--zero-terminal-snr`` / ``--no-zero-terminal-snr``.
+        clip_skip: ``--clip-skip``.
+
+    Returns:
+        ``(prediction_type or None = the model's, zero_terminal_snr, clip_skip)``.
+    """
+    meta: dict[str, str] = {}
+    path = lora_file(loras[0]) if loras else None
+    if path is not None:
+        meta = read_metadata(path)
+    if prediction_type is None and "ss_v_parameterization" in meta:
+        prediction_type = "v_prediction" if meta["ss_v_parameterization"] == "True" else None
+    if zero_terminal_snr is None:
+        zero_terminal_snr = meta.get("ss_zero_terminal_snr") == "True"
+    if clip_skip is None:
+        stored = meta.get("ss_clip_skip", "")
+        clip_skip = int(stored) if stored.isdigit() else 1
+    return prediction_type, zero_terminal_snr, clip_skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,7 +198,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     model = tiny_model_path() if args.tiny else (args.model or DEFAULT_MODEL)
 
-    pipe = load_pipeline(model, device=device, dtype=dtype)
+    prediction_type, zero_terminal_snr, clip_skip = sampling_options(
+        args.lora, args.prediction_type, args.zero_terminal_snr, args.clip_skip
+    )
+    pipe = load_pipeline(
+        model,
+        device=device,
+        dtype=dtype,
+        prediction_type=prediction_type,
+        zero_terminal_snr=zero_terminal_snr,
+    )
     loras = add_loras(pipe, args.lora, args.lora_weight or None)
     scales = args.lora_scale if loras else [0.0]
     grid, _ = render_grid(
@@ -149,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         seed=args.seed,
+        clip_skip=clip_skip,
     )
     settings = {
         "model": str(model),
@@ -159,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "steps": args.steps,
         "resolution": args.resolution,
         "guidance_scale": args.guidance_scale,
+        "prediction_type": pipe.scheduler.config["prediction_type"],
+        "zero_terminal_snr": zero_terminal_snr,
+        "clip_skip": clip_skip,
     }
     info = PngInfo()
     info.add_text("parameters", json.dumps(settings))

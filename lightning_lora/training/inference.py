@@ -13,17 +13,21 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from diffusers.training_utils import cast_training_params
+from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
 from PIL import Image
 
 from lightning_lora.lora.export import DIFFUSERS_WEIGHT_NAME
+from lightning_lora.training.conditioning import prompt_embeddings
 from lightning_lora.training.models import SDComponents, load_components
+from lightning_lora.training.noise import configure_scheduler
+from lightning_lora.training.sample_prompts import SamplePrompt
 
 if TYPE_CHECKING:
     from lightning_lora.training.module import LoRAModule
@@ -32,7 +36,11 @@ log = logging.getLogger(__name__)
 
 
 def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
-    """Paste images of equal size into one grid image.
+    """Paste images into one grid image.
+
+    Every cell is as wide as the widest image and as high as the highest; an image of another
+    size is pasted centred in its cell, on white, at its own size (padded, never resized). With
+    equal sizes the images tile the grid exactly.
 
     Args:
         images: The images, row by row.
@@ -45,10 +53,13 @@ def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.I
         raise ValueError("make_grid needs at least one image")
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
+    w = max(img.size[0] for img in images)
+    h = max(img.size[1] for img in images)
     grid = Image.new("RGB", (cols * w, rows * h), "white")
     for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+        x = (i % cols) * w + (w - img.size[0]) // 2
+        y = (i // cols) * h + (h - img.size[1]) // 2
+        grid.paste(img, (x, y))
     return grid
 
 
@@ -85,6 +96,7 @@ def generate(
     guidance_scale: float,
     seed: int,
     lora_scale: float | None = None,
+    clip_skip: int = 1,
 ) -> list[Image.Image]:
     """Generate one image per prompt at a fixed seed (the same noise for every call).
 
@@ -96,25 +108,88 @@ def generate(
         guidance_scale: Classifier-free guidance scale.
         seed: Seed of the initial noise (per prompt: ``seed + index``).
         lora_scale: Scale of the LoRA adapter (``None`` keeps the adapter as it is).
+        clip_skip: The text encoder layer of the conditioning (kohya's count; 1 = the last).
 
     Returns:
         The images.
     """
+    samples = [
+        SamplePrompt(p, "", seed + i, resolution, resolution, steps, guidance_scale)
+        for i, p in enumerate(prompts)
+    ]
+    return generate_samples(pipe, samples, lora_scale, clip_skip)
+
+
+def _prompt_arguments(
+    pipe: StableDiffusionPipeline, sample: SamplePrompt, clip_skip: int, lora_scale: float | None
+) -> dict[str, Any]:
+    """The pipeline's prompt arguments: the texts, or with clip skip their embeddings.
+
+    With clip skip, the prompt and the negative prompt (``""`` when none, the pipeline's own
+    unconditional text) are encoded by :func:`prompt_embeddings`, with a text encoder LoRA at
+    ``lora_scale`` as the pipeline's ``encode_prompt`` scales it.
+    """
+    if clip_skip <= 1:
+        return {"prompt": sample.prompt, "negative_prompt": sample.negative_prompt or None}
+    scaled = lora_scale is not None and lora_scale != 1.0
+    if scaled:
+        scale_lora_layers(pipe.text_encoder, lora_scale)
+    try:
+        return {
+            "prompt_embeds": prompt_embeddings(
+                pipe.tokenizer, pipe.text_encoder, sample.prompt, clip_skip
+            ),
+            "negative_prompt_embeds": prompt_embeddings(
+                pipe.tokenizer, pipe.text_encoder, sample.negative_prompt, clip_skip
+            ),
+        }
+    finally:
+        if scaled:
+            unscale_lora_layers(pipe.text_encoder, lora_scale)
+
+
+@torch.no_grad()
+def generate_samples(
+    pipe: StableDiffusionPipeline,
+    samples: Sequence[SamplePrompt],
+    lora_scale: float | None = None,
+    clip_skip: int = 1,
+) -> list[Image.Image]:
+    """Generate one image per sample prompt, each with its own seed, size, steps and guidance.
+
+    The initial noise is drawn on the CPU from the prompt's seed alone, so a prompt gives the same
+    image wherever it stands in the list.
+
+    Args:
+        pipe: The pipeline.
+        samples: Prompts with every setting filled (:meth:`SamplePrompt.filled`).
+        lora_scale: Scale of the LoRA adapter (``None`` keeps the adapter as it is).
+        clip_skip: The text encoder layer of the conditioning (kohya's count; 1 = the last).
+
+    Returns:
+        The images, at each prompt's size.
+    """
     device = pipe.unet.device
     images = []
-    kwargs = {} if lora_scale is None else {"cross_attention_kwargs": {"scale": lora_scale}}
-    for i, prompt in enumerate(prompts):
-        gen = torch.Generator(device="cpu").manual_seed(seed + i)
-        side = resolution // pipe.vae_scale_factor
-        latents = torch.randn((1, pipe.unet.config.in_channels, side, side), generator=gen).to(
-            device, pipe.unet.dtype
+    kwargs: dict[str, Any] = {}
+    if lora_scale is not None:
+        kwargs["cross_attention_kwargs"] = {"scale": lora_scale}
+    for sample in samples:
+        assert sample.seed is not None and sample.width and sample.height, "fill() the prompt"
+        gen = torch.Generator(device="cpu").manual_seed(sample.seed)
+        shape = (
+            1,
+            pipe.unet.config.in_channels,
+            sample.height // pipe.vae_scale_factor,
+            sample.width // pipe.vae_scale_factor,
         )
+        latents = torch.randn(shape, generator=gen).to(device, pipe.unet.dtype)
         out = pipe(
-            prompt,
-            height=resolution,
-            width=resolution,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
+            **_prompt_arguments(pipe, sample, clip_skip, lora_scale),
+            height=sample.height,
+            width=sample.width,
+            num_inference_steps=sample.steps,
+            guidance_scale=sample.guidance_scale,
             latents=latents,
             output_type="pil",
             **kwargs,
@@ -147,6 +222,28 @@ def sample_images(
     Returns:
         The images.
     """
+    samples = [
+        SamplePrompt(p, "", seed + i, resolution, resolution, steps, guidance_scale)
+        for i, p in enumerate(prompts)
+    ]
+    return sample_prompt_images(pl_module, samples)
+
+
+def sample_prompt_images(
+    pl_module: LoRAModule, samples: Sequence[SamplePrompt]
+) -> list[Image.Image]:
+    """:func:`sample_images` for prompts with their own settings (:func:`generate_samples`).
+
+    The pipeline's scheduler is built from the module's training scheduler (its prediction type
+    and zero-terminal-SNR betas) and the prompts are encoded with the module's clip skip.
+
+    Args:
+        pl_module: The :class:`~lightning_lora.training.module.LoRAModule`.
+        samples: Prompts with every setting filled.
+
+    Returns:
+        The images.
+    """
     components = SDComponents(
         pl_module.unet,
         pl_module.vae,
@@ -164,7 +261,7 @@ def sample_images(
     weights = getattr(pl_module, "evaluation_weights", contextlib.nullcontext)
     try:
         with weights():
-            return generate(pipe, prompts, resolution, steps, guidance_scale, seed)
+            return generate_samples(pipe, samples, clip_skip=pl_module.clip_skip)
     finally:
         pl_module.unet.train(was_training[0])
         pl_module.text_encoder.train(was_training[1])
@@ -204,10 +301,19 @@ def _lora_location(source: str | Path) -> tuple[str, str | None]:
     return str(source), None  # a hub id
 
 
+def lora_file(source: str | Path) -> Path | None:
+    """The local ``.safetensors`` file that ``load_lora_weights`` reads (``None``: a hub id)."""
+    location, weight_name = _lora_location(source)
+    path = Path(location) / weight_name if weight_name else None
+    return path if path is not None and path.is_file() else None
+
+
 def load_pipeline(
     model: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    prediction_type: str | None = None,
+    zero_terminal_snr: bool = False,
 ) -> StableDiffusionPipeline:
     """Load a base SD1.5 model as an inference pipeline (DPM-Solver++, no safety checker).
 
@@ -218,11 +324,16 @@ def load_pipeline(
         model: A hub id or a local diffusers pipeline folder.
         device: Where to run.
         dtype: Weight dtype (``float16`` on a GPU, ``float32`` on CPU).
+        prediction_type: ``epsilon`` or ``v_prediction`` (``None``: the model's scheduler's).
+        zero_terminal_snr: Zero-terminal-SNR betas and trailing timesteps (as the LoRA trained).
 
     Returns:
         The pipeline.
     """
     components = load_components(str(model), torch_dtype=dtype, reuse=False)
+    components.noise_scheduler = configure_scheduler(
+        components.noise_scheduler, prediction_type, zero_terminal_snr
+    )
     pipe = build_pipeline(components).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

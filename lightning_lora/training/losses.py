@@ -105,3 +105,46 @@ def timestep_weights(
         debiased = debiased_weights(snr, prediction_type)
         weights = debiased if weights is None else weights * debiased
     return weights
+
+
+def combine_sample_losses(
+    losses: torch.Tensor,
+    sample_weights: torch.Tensor | None = None,
+    prior: tuple[bool, ...] | None = None,
+    prior_loss_weight: float | None = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The batch loss from per-sample losses: image-set weights and the prior-preservation term.
+
+    Each sample's loss is multiplied by its image set's ``loss_weight`` (``sample_weights``).
+    With regularization images in the batch (``prior``), the loss is DreamBooth's
+    ``loss_instance + prior_loss_weight * loss_prior``, each the mean over its own samples
+    (a term without samples is absent); weight 0 gives the instance loss alone. Without
+    ``prior``, it is the plain mean. The masks are built from Python bools, so nothing here
+    waits for the device.
+
+    Args:
+        losses: ``(B,)`` per-sample losses.
+        sample_weights: ``(B,)`` image-set weights, or ``None`` (all 1).
+        prior: Which samples are regularization images, or ``None`` (no regularization set).
+        prior_loss_weight: ``data.prior_loss_weight`` (``None``: 1).
+
+    Returns:
+        The loss, and the terms to log: ``loss_instance`` and ``loss_prior`` when ``prior`` is
+        given and the batch has such samples.
+    """
+    if sample_weights is not None:
+        losses = losses * sample_weights.to(losses.device, losses.dtype)
+    if prior is None:
+        return losses.mean(), {}
+    is_prior = torch.tensor(prior, dtype=losses.dtype).to(losses.device, non_blocking=True)
+    n_prior = sum(prior)
+    terms: dict[str, torch.Tensor] = {}
+    if n_prior < len(prior):
+        terms["loss_instance"] = (losses * (1 - is_prior)).sum() / (len(prior) - n_prior)
+    if n_prior:
+        terms["loss_prior"] = (losses * is_prior).sum() / n_prior
+    total = terms.get("loss_instance", losses.new_zeros(()))
+    if "loss_prior" in terms:
+        weight = 1.0 if prior_loss_weight is None else prior_loss_weight
+        total = total + weight * terms["loss_prior"]
+    return total, terms

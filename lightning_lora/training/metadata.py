@@ -6,7 +6,31 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-__all__ = ["training_options_metadata"]
+__all__ = ["noise_metadata", "training_options_metadata"]
+
+
+def noise_metadata(module: Any) -> dict[str, Any]:
+    """The prediction type, zero-terminal SNR, input perturbation and clip skip of a module.
+
+    kohya's ``ss_v_parameterization`` and ``ss_zero_terminal_snr`` are the strings ``"True"`` /
+    ``"False"`` (Python's ``str(bool)``, as kohya writes them), ``ss_clip_skip`` and
+    ``ss_ip_noise_gamma`` numbers.
+
+    Args:
+        module: A ``LoRAModule``.
+
+    Returns:
+        The keys (``ss_`` is added on export), plus ``lightning_lora_prediction_type``.
+    """
+    config = module.noise_scheduler.config
+    prediction_type = str(config["prediction_type"])
+    return {
+        "v_parameterization": str(prediction_type == "v_prediction"),
+        "zero_terminal_snr": str(bool(config.get("rescale_betas_zero_snr", False))),
+        "ip_noise_gamma": float(module.hparams.ip_noise_gamma),
+        "clip_skip": int(module.clip_skip),
+        "lightning_lora_prediction_type": prediction_type,
+    }
 
 
 def training_options_metadata(cfg: DictConfig, module: Any) -> dict[str, Any]:
@@ -37,6 +61,7 @@ def training_options_metadata(cfg: DictConfig, module: Any) -> dict[str, Any]:
         "lightning_lora_ema": bool(ema.get("enabled", False)),
         "lightning_lora_use_dora": bool(module.lora_config.use_dora),
         "lightning_lora_use_rslora": bool(module.lora_config.use_rslora),
+        **noise_metadata(module),
     }
     if hp.timestep_sampling == "logit_normal":
         meta["lightning_lora_logit_mean"] = hp.logit_mean

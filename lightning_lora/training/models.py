@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from lightning_lora.training.conditioning import check_clip_skip
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,8 @@ class SDComponents:
         tokenizer: The CLIP tokenizer for captions.
         noise_scheduler: The DDPM training scheduler read from the model folder.
         source: The hub id or local path the components came from.
+        clip_skip: Which text encoder layer conditions the UNet (1 = the last; see
+            :mod:`lightning_lora.training.conditioning`).
     """
 
     unet: UNet2DConditionModel
@@ -84,6 +88,7 @@ class SDComponents:
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
     source: str
+    clip_skip: int = 1
 
 
 _LOADED: dict[tuple[str, str | None, str | None, str], SDComponents] = {}
@@ -95,6 +100,7 @@ def load_components(
     variant: str | None = None,
     torch_dtype: torch.dtype = torch.float32,
     reuse: bool = True,
+    clip_skip: int = 1,
 ) -> SDComponents:
     """Load the SD1.5 components with ``from_pretrained`` and freeze them.
 
@@ -107,13 +113,15 @@ def load_components(
         reuse: Return the components already loaded by this process for the same arguments
             (the warm worker and multirun load the base model once). LoRA adapters are reset by
             :func:`lightning_lora.lora.adapters.inject_lora`, so nothing carries over between runs.
+        clip_skip: ``model.clip_skip``: 1 = the text encoder's last layer, 2 = the penultimate
+            one through the final layer norm (kohya's and A1111's convention).
 
     Returns:
         The frozen components.
     """
     key = (str(pretrained_model_name_or_path), revision, variant, str(torch_dtype))
     if reuse and key in _LOADED:
-        return _LOADED[key]
+        return _with_clip_skip(_LOADED[key], clip_skip)
     path = str(pretrained_model_name_or_path)
     log.info(
         "loading base model %s (revision=%s, variant=%s, dtype=%s)",
@@ -147,7 +155,12 @@ def load_components(
     components = SDComponents(unet, vae, text_encoder, tokenizer, noise_scheduler, path)
     if reuse:
         _LOADED[key] = components
-    return components
+    return _with_clip_skip(components, clip_skip)
+
+
+def _with_clip_skip(components: SDComponents, clip_skip: int) -> SDComponents:
+    """The components with a run's clip skip (the shared, cached ones are not changed)."""
+    return replace(components, clip_skip=check_clip_skip(clip_skip, components.text_encoder))
 
 
 def default_cache_dir() -> Path:

@@ -27,11 +27,12 @@ from lightning_lora.errors import NonFiniteLossError
 from lightning_lora.lora.adapters import inject_lora, lora_parameters, target_modules
 from lightning_lora.lora.text_encoder import inject_text_encoder_lora
 from lightning_lora.training.compilation import CompileCache, compiled_unet, eager
+from lightning_lora.training.conditioning import text_hidden_states
 from lightning_lora.training.ema import LoraEMA
 from lightning_lora.training.eval_weights import EvalWeightsMixin
-from lightning_lora.training.losses import elementwise_loss, timestep_weights
+from lightning_lora.training.losses import combine_sample_losses, elementwise_loss, timestep_weights
 from lightning_lora.training.models import SDComponents
-from lightning_lora.training.noise import NoiseTables
+from lightning_lora.training.noise import NoiseTables, configure_scheduler
 from lightning_lora.training.rng import restore_rng_state_tensors, rng_state_tensors
 from lightning_lora.training.timesteps import check_sampling, sample_timesteps
 
@@ -84,6 +85,9 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         ema: Mapping[str, Any] | None = None,
         text_encoder_lora: LoraConfig | None = None,
         text_encoder_lr: float | None = None,
+        prediction_type: str | None = None,
+        zero_terminal_snr: bool = False,
+        ip_noise_gamma: float = 0.0,
     ) -> None:
         """Wrap the components and inject a fresh LoRA.
 
@@ -124,6 +128,12 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
                 use (see :mod:`lightning_lora.training.ema`).
             text_encoder_lora: A LoRA of the text encoder too (``None``: it stays frozen).
             text_encoder_lr: Learning rate of the text encoder's LoRA (``None``: the optimizer's).
+            prediction_type: The loss's target, ``epsilon`` or ``v_prediction`` (``None``: the
+                scheduler config's); the sampling pipelines use it too.
+            zero_terminal_snr: Rescale the betas to a zero terminal SNR (diffusers'
+                ``rescale_zero_terminal_snr``); pair it with ``v_prediction``.
+            ip_noise_gamma: Input perturbation: the noisy latents are made with
+                ``noise + gamma * randn`` while the target stays that of ``noise`` (0 = off).
         """
         super().__init__()
         # a plain list: the hparams go into checkpoints, which load with weights_only=True
@@ -137,7 +147,24 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         self.vae = components.vae
         self.text_encoder = components.text_encoder
         self.tokenizer = components.tokenizer
-        self.noise_scheduler = components.noise_scheduler
+        #: this run's scheduler: the base model's with prediction_type and zero-terminal-SNR betas
+        self.noise_scheduler = configure_scheduler(
+            components.noise_scheduler, prediction_type, zero_terminal_snr
+        )
+        #: the text encoder layer that conditions the UNet (kohya's clip skip; 1 = the last)
+        self.clip_skip = components.clip_skip
+        if ip_noise_gamma < 0:
+            raise ValueError(f"module.ip_noise_gamma must be >= 0, got {ip_noise_gamma}")
+        if (
+            zero_terminal_snr
+            and self.noise_scheduler.config["prediction_type"] == "epsilon"
+            and (snr_gamma or debiased_estimation)
+        ):
+            raise ValueError(
+                "module.zero_terminal_snr makes the last timestep's SNR 0, where the epsilon "
+                "weights of module.snr_gamma / module.debiased_estimation divide by zero: use "
+                "module.prediction_type=v_prediction"
+            )
         self.lora_config = lora
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -159,6 +186,8 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         self.ema: LoraEMA | None = None
         self._ema_state: dict[str, Any] | None = None
         self._val_captions: list[str] = []
+        #: The last batch's ``loss_instance``/``loss_prior`` (regularization sets; losses.py)
+        self.loss_terms: dict[str, torch.Tensor] = {}
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         else:
@@ -184,7 +213,11 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
-        """Captions -> text encoder last hidden states (the UNet's cross-attention context)."""
+        """Captions -> text encoder hidden states (the UNet's cross-attention context).
+
+        The last layer's, or with ``model.clip_skip`` N > 1 the N-th last layer's through the final
+        layer norm (:func:`~lightning_lora.training.conditioning.text_hidden_states`).
+        """
         return self.text_context(captions)
 
     @property
@@ -201,7 +234,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+        return text_hidden_states(self.text_encoder, ids, self.clip_skip)
 
     # ----------------------------------------------------------------------------- the loss
     def _latents(self, latent_params: torch.Tensor, sample: bool = True) -> torch.Tensor:
@@ -217,6 +250,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         timesteps: torch.Tensor,
         compiled: bool = True,
         weights: torch.Tensor | None = None,
+        input_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-sample loss of predicting the scheduler's target from noisy latents.
 
@@ -228,13 +262,17 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
             compiled: Run the UNet through ``torch.compile`` when ``compile_mode`` asks for it
                 (the validation loss runs it eagerly: no extra graph for eval mode and its shapes).
             weights: ``(B, 1, h, w)`` per-latent-pixel loss weights (masked loss), or ``None``.
+            input_noise: The noise that makes the noisy latents when it differs from ``noise``
+                (input perturbation); the target is always that of ``noise``.
 
         Returns:
             ``(B,)`` float32 losses (``module.loss``; weighted by min-SNR and/or debiased
             estimation when they are on).
         """
         sched = self.noise_scheduler
-        noisy = self.noise.add_noise(latents, noise, timesteps)
+        noisy = self.noise.add_noise(
+            latents, noise if input_noise is None else input_noise, timesteps
+        )
         prediction_type = sched.config["prediction_type"]
         if prediction_type == "epsilon":
             target = noise
@@ -313,7 +351,18 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
             drop = torch.rand(bsz, device=latents.device) < p
             context = torch.where(drop[:, None, None], self.empty_embed().to(context), context)
         weights = batch.get("loss_weights")
-        return self.diffusion_loss(latents, context, noise, timesteps, weights=weights).mean()
+        input_noise = None
+        if hp.ip_noise_gamma:  # input perturbation (kohya's --ip_noise_gamma)
+            input_noise = noise + hp.ip_noise_gamma * torch.randn(
+                latents.shape, device=latents.device, dtype=noise.dtype
+            )
+        losses = self.diffusion_loss(
+            latents, context, noise, timesteps, weights=weights, input_noise=input_noise
+        )
+        # image-set weights and the prior-preservation term (data.datasets; losses.py)
+        keys = ("sample_weights", "prior", "prior_loss_weight")
+        loss, self.loss_terms = combine_sample_losses(losses, *(batch.get(k) for k in keys))
+        return loss
 
     def empty_embed(self) -> torch.Tensor:
         """Text context of the empty caption (used for caption dropout)."""
@@ -334,6 +383,8 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
             # per step. This copy is the one sync of a logging step.
             bsz = batch["latent_params" if "latent_params" in batch else "pixel_values"].shape[0]
             self.log("train/loss", detached.float().cpu(), prog_bar=True, batch_size=bsz)
+            for name, term in self.loss_terms.items():  # train/loss_instance, train/loss_prior
+                self.log(f"train/{name}", term.detach().float().cpu(), batch_size=bsz)
         return loss
 
     def _logging_due(self) -> bool:

@@ -4,15 +4,65 @@ diffusers' ``add_noise``, ``get_velocity`` and ``compute_snr`` move, convert and
 ``alphas_cumprod`` to powers on every call (several small kernels per step). :class:`NoiseTables`
 builds those tables once per device, dtype and autocast state with exactly the same operations,
 so indexing them gives bit-identical results (``tests/training/test_noise.py``).
+
+:func:`configure_scheduler` gives a run its own training scheduler with ``module.prediction_type``
+and ``module.zero_terminal_snr`` (diffusers' ``rescale_betas_zero_snr``): the tables, the loss
+and the sampling pipelines built from its config all follow it.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
-__all__ = ["NoiseTables"]
+__all__ = ["PREDICTION_TYPES", "NoiseTables", "configure_scheduler"]
+
+log = logging.getLogger(__name__)
+
+#: The prediction targets the loss supports.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def configure_scheduler(
+    scheduler: Any, prediction_type: str | None = None, zero_terminal_snr: bool = False
+) -> DDPMScheduler:
+    """A new training scheduler from ``scheduler``'s config with a run's noise options.
+
+    The base model's scheduler (shared by runs in one process) is left untouched.
+
+    Args:
+        scheduler: The base model's noise scheduler.
+        prediction_type: ``epsilon`` or ``v_prediction``; ``None`` keeps the scheduler's.
+        zero_terminal_snr: Rescale the betas to a zero terminal SNR (diffusers'
+            ``rescale_zero_terminal_snr``, through the schedulers' ``rescale_betas_zero_snr``),
+            with ``trailing`` timestep spacing for samplers (both as Lin et al. 2023 recommend).
+
+    Returns:
+        A ``DDPMScheduler``; pipelines built ``from_config`` of it inherit both options.
+
+    Raises:
+        ValueError: For an unsupported prediction type.
+    """
+    kind = prediction_type or scheduler.config["prediction_type"]
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(
+            f"module.prediction_type must be one of {', '.join(PREDICTION_TYPES)} or null, "
+            f"got {kind!r}"
+        )
+    overrides: dict[str, Any] = {"prediction_type": kind}
+    if zero_terminal_snr:
+        overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        if kind == "epsilon":
+            log.warning(
+                "module.zero_terminal_snr with epsilon prediction: at the last timestep the "
+                "input is pure noise and epsilon is not learnable; use "
+                "module.prediction_type=v_prediction"
+            )
+    return DDPMScheduler.from_config(scheduler.config, **overrides)
+
 
 Tables = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -16,12 +16,14 @@ Beside the exported LoRA (``lora/``), :func:`train` copies the final sample grid
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MethodType
 from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
@@ -38,7 +40,14 @@ from lightning_lora.training.precision import frozen_weight_dtype, precision_inf
 from lightning_lora.training.provenance import write_run_info
 from lightning_lora.version import __version__
 
-__all__ = ["PromptTemplates", "RunSummary", "SampleGridSource", "TrainResult", "train"]
+__all__ = [
+    "PromptTemplates",
+    "RunSummary",
+    "SampleGridSource",
+    "TrainResult",
+    "release_training_memory",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -274,3 +283,24 @@ def train(
         metadata=metadata,
         sample_prompts=sample_prompts,
     )
+
+
+def release_training_memory(callbacks: Sequence[L.Callback] = ()) -> None:
+    """Free what a finished, failed or stopped training held, before the next one.
+
+    Lightning gives every callback of a fit the module's ``log`` and ``log_dict`` (bound methods),
+    so a callback that outlives the fit (the worker's plugins, a notebook's) would keep the
+    module, its trainer and the optimizer's state alive: they are dropped here. The trainer, the
+    module and the optimizer also refer to each other, so they wait for the cycle collector:
+    it runs now. Last, the CUDA allocator's cached blocks go back to the device.
+
+    Args:
+        callbacks: Callbacks that outlive the training.
+    """
+    for callback in callbacks:
+        for name in ("log", "log_dict"):
+            if isinstance(getattr(callback, name, None), MethodType):
+                vars(callback).pop(name, None)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

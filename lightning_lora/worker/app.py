@@ -60,6 +60,7 @@ from lightning_lora.errors import (
 from lightning_lora.jobs.layout import checkpoint_prefix, job_key_for, outbox_key
 from lightning_lora.jobs.report import JobReport, webhook_client
 from lightning_lora.jobs.runner import run_reported_training
+from lightning_lora.training.run import release_training_memory
 from lightning_lora.worker.cancels import CancelWatch, barrier, barrier_of, parse_cancel
 from lightning_lora.worker.deliveries import ControlReply, Delivery, Outcome, Settlement
 from lightning_lora.worker.job_callbacks import InterruptOnStop, ProgressGauge, StopOnCancel
@@ -159,7 +160,10 @@ class TrainingWorker:
     def ledger(self) -> Ledger:
         """The fleet's job state in the bucket."""
         if self._ledger is None:
-            self._ledger = Ledger(self.storage, lease_ttl_s=self.settings.lease_ttl_s)
+            s = self.settings
+            self._ledger = Ledger(
+                self.storage, lease_ttl_s=s.lease_ttl_s, cancel_margin_s=s.cancel_margin_s
+            )
         return self._ledger
 
     @property
@@ -439,6 +443,7 @@ class TrainingWorker:
         finally:
             if not keep_dir:
                 shutil.rmtree(job_dir, ignore_errors=True)
+            release_training_memory(self.callbacks)  # a stopped or failed job's trainer too
 
     def _download_and_train(
         self,

@@ -22,7 +22,7 @@ message to another worker). The bucket holds what makes each job run and report 
 * **Cancels.** A style's newest cancel (:class:`~lightning_lora.worker.records.CancelRecord`):
   opened when a worker takes the backend's cancel message, closed when the barrier it queued
   behind the style's jobs comes out of the work queue; it stops the runs that began before it
-  closed (:meth:`Ledger.cancel_stopping`).
+  closed, with a margin (:meth:`Ledger.cancel_stopping`).
 
 The ledger owns every one of these keys: nothing else reads or writes them, and each record is a
 typed :mod:`lightning_lora.worker.records` dataclass with one reader and one writer.
@@ -157,6 +157,9 @@ class Ledger:
         clock: Seconds since the epoch on the clock every worker shares; the store's
             (:attr:`S3Storage.clock <lightning_lora.clients.storage.S3Storage.clock>`, from its
             answers' ``Date`` headers) when ``None``, so a worker's own clock may drift.
+        cancel_margin_s: A cancel also stops the runs that began this long after its window
+            closed (:meth:`CancelRecord.stops
+            <lightning_lora.worker.records.CancelRecord.stops>`).
     """
 
     def __init__(
@@ -164,11 +167,13 @@ class Ledger:
         storage: S3Storage,
         lease_ttl_s: float = 60.0,
         clock: Callable[[], float] | None = None,
+        cancel_margin_s: float = 10.0,
     ) -> None:
         if lease_ttl_s <= 0:
             raise ValueError("lease_ttl_s must be > 0")
         self.storage = storage
         self.lease_ttl_s = float(lease_ttl_s)
+        self.cancel_margin_s = float(cancel_margin_s)
         self.clock: Callable[[], float] = clock if clock is not None else storage.clock
         self.holder = Holder.this_process()
 
@@ -407,7 +412,7 @@ class Ledger:
     def cancel_stopping(self, run: RunRef) -> CancelRecord | None:
         """The style's cancel if it stops ``run`` (begun before it closed), or ``None``."""
         found = self._read(cancel_key(run.style_id), CancelRecord.from_json)
-        if found is None or not found[0].stops(run):
+        if found is None or not found[0].stops(run, self.cancel_margin_s):
             return None
         return found[0]
 

@@ -117,10 +117,11 @@ class JobPointer:
 class CancelRecord:
     """A style's newest cancel (``checkpoints/style_{id}/_cancel.json``).
 
-    A cancel stops every run of the style that had begun before its window closed: runs being
-    trained or queued when the backend cancelled. The window opens when a worker takes the
-    cancel message and closes when the barrier that worker put behind every queued job comes
-    out of the work queue; jobs published after the cancel come after the barrier, so they train.
+    A cancel stops every run of the style that had begun before its window closed (with a
+    margin, :meth:`stops`): runs being trained or queued when the backend cancelled. The window
+    opens when a worker takes the cancel message and closes when the barrier that worker put
+    behind every queued job comes out of the work queue; jobs published after the cancel come
+    after the barrier, so they train.
 
     Attributes:
         cancel_id: Names the cancel (the barrier carries it).
@@ -132,9 +133,14 @@ class CancelRecord:
     requested_at: float
     closed_at: float | None = None
 
-    def stops(self, run: RunRef) -> bool:
-        """Whether this cancel stops ``run`` (it began before the window closed)."""
-        return self.closed_at is None or run.started_at < self.closed_at
+    def stops(self, run: RunRef, margin_s: float = 0.0) -> bool:
+        """Whether this cancel stops ``run``: it began before the window closed (+ ``margin_s``).
+
+        The margin covers a job taken from the queue just before the barrier whose run is
+        recorded just after the barrier's worker closed the window, and the store clocks of two
+        workers differing by a round trip.
+        """
+        return self.closed_at is None or run.started_at < self.closed_at + margin_s
 
     def to_json(self) -> dict[str, Any]:
         """The record's JSON object."""

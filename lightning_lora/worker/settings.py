@@ -322,6 +322,8 @@ class WorkerSettings(BaseModel):
             ``If-Match`` (exactly-once rests on them); ``False`` runs with a warning.
         lease_ttl_s: How long a job's lease lasts without renewal (renewed every third).
         cancel_poll_s: Seconds between two looks of a running job at its style's cancel record.
+        cancel_margin_s: A cancel also stops the style's runs that began this long after its
+            barrier came out of the queue (jobs taken at that moment, store clocks).
         outbox_window_s: How long an unacknowledged terminal webhook is re-sent (24 h).
         outbox_poll_s: Seconds between two scans of the outbox.
         outbox_backoff_base_s: First re-send delay of the outbox (then x3 each time).
@@ -352,6 +354,7 @@ class WorkerSettings(BaseModel):
     require_conditional_writes: bool = True
     lease_ttl_s: float = Field(default=60.0, gt=0)
     cancel_poll_s: float = Field(default=2.0, gt=0)
+    cancel_margin_s: float = Field(default=10.0, ge=0)
     outbox_window_s: float = Field(default=86_400.0, gt=0)
     outbox_poll_s: float = Field(default=10.0, gt=0)
     outbox_backoff_base_s: float = Field(default=5.0, gt=0)

@@ -19,8 +19,11 @@ import json
 import subprocess
 import sys
 import time
+import weakref
+from dataclasses import replace
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 from lightning_lora.clients.contract import COMPLETE_PATH, FAILED_PATH, PROGRESS_PATH
@@ -51,6 +54,7 @@ from tests.support.worker_stack import (
 pytest_plugins = ["tests.support.broker_node"]
 
 LONG = "trainer.max_epochs=400"  # minutes of training on the tiny model: a cancel comes first
+MARGIN_S = 1.0  # worker.cancel_margin_s of the in-process workers (10 s by default)
 
 
 def _consumer(worker, broker: BrokerSettings) -> Consumer:
@@ -86,7 +90,7 @@ def _started(receiver, style_id: int) -> int:
 # --------------------------------------------------------------------------- the record
 def test_a_cancel_stops_the_runs_that_began_before_its_barrier(s3_env: S3Storage) -> None:
     clock = FakeClock()
-    a, b = Ledger(s3_env, 60.0, clock), Ledger(s3_env, 60.0, clock)
+    a, b = Ledger(s3_env, 60.0, clock, 0.5), Ledger(s3_env, 60.0, clock, 0.5)
     running_run = a.resolve_run(5, "sha-running", new_publication=True)
     other_style = a.resolve_run(6, "sha-other", new_publication=True)
     clock.advance(1)
@@ -99,6 +103,9 @@ def test_a_cancel_stops_the_runs_that_began_before_its_barrier(s3_env: S3Storage
     clock.advance(1)
     assert b.close_cancel(5, cancel.cancel_id) is True  # the barrier came out
     assert a.close_cancel(5, cancel.cancel_id) is False  # once
+    clock.advance(0.25)  # a job taken at the barrier's moment, recorded just after it closed
+    at_the_barrier = a.resolve_run(5, "sha-racing", new_publication=True)
+    assert a.cancel_stopping(at_the_barrier) == replace(cancel, closed_at=clock.now - 0.25)
     clock.advance(1)
     retrain = a.resolve_run(5, "sha-queued", new_publication=True)  # the same body, published again
     assert retrain.generation == 2 and retrain.started_at > queued_run.started_at
@@ -184,10 +191,21 @@ def test_waiting_cancels_are_handled_before_the_first_job_is_taken(
 
 
 # --------------------------------------------------------------------------- through the worker
+class _Held(L.Callback):
+    """Weak references to a job's trainer, module and optimizer: are they freed after it?"""
+
+    def __init__(self) -> None:
+        self.refs: list[weakref.ref] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.refs = [weakref.ref(x) for x in (trainer, pl_module, trainer.optimizers[0])]
+
+
 @pytest.mark.slow
 def test_a_running_job_stops_reports_cancelled_once_and_the_worker_goes_on(stack) -> None:
     receiver, storage, broker = stack["receiver"], stack["storage"], stack["broker"]
-    worker = _worker(stack, LONG, cancel_poll_s=0.5)
+    held = _Held()
+    worker = _worker(stack, LONG, callbacks=[held], cancel_poll_s=0.5)
     with running(_consumer(worker, broker)):
         _guide_publish(broker, _job(stack, 301))
         assert wait_for(lambda: _checkpoints(storage, 301) != [], 240), "no checkpoint yet"
@@ -201,6 +219,8 @@ def test_a_running_job_stops_reports_cancelled_once_and_the_worker_goes_on(stack
         done = _wait_terminal(receiver, 301, timeout=120)
         took = time.monotonic() - sent
         assert wait_for(lambda: depth(broker.queue) == 0 and _closed(storage, 301), 60)
+        # the stopped job's trainer, module and optimizer (its Adam moments) are freed
+        assert len(held.refs) == 3 and [ref() for ref in held.refs] == [None, None, None]
         # the worker carries on: the next job trains and completes
         publish_job(broker, _job(stack, 302, num_epochs=1))
         assert _wait_terminal(receiver, 302).path == COMPLETE_PATH
@@ -221,12 +241,13 @@ def test_a_job_cancelled_while_queued_never_trains_and_a_retrain_does(stack) -> 
     job = _job(stack, 311, num_epochs=1)
     _guide_publish(broker, job)  # the backend publishes, then withdraws it: no worker runs yet
     _guide_cancel(broker, 311)
-    worker = _worker(stack)
+    worker = _worker(stack, cancel_margin_s=MARGIN_S)
     with running(_consumer(worker, broker)):
         done = _wait_terminal(receiver, 311, timeout=120)
         assert wait_for(lambda: depth(broker.queue) == 0 and _closed(storage, 311), 60)
         assert done.path == FAILED_PATH and done.json["error_code"] == "CANCELLED"
         assert _started(receiver, 311) == 0  # never trained
+        time.sleep(MARGIN_S + 0.5)  # past the cancel's margin (store clock, same process)
         _guide_publish(broker, job)  # the same body again: a retrain, after the cancel
         assert receiver.wait_for(lambda reqs: len(_terminal(receiver, 311)) == 2, 240)
         assert wait_for(lambda: depth(broker.queue) == 0, 30)
@@ -239,7 +260,7 @@ def test_a_job_cancelled_while_queued_never_trains_and_a_retrain_does(stack) -> 
 @pytest.mark.slow
 def test_a_cancel_after_the_completion_or_without_a_job_changes_nothing(stack) -> None:
     receiver, storage, broker = stack["receiver"], stack["storage"], stack["broker"]
-    worker = _worker(stack, "trainer.max_epochs=1")
+    worker = _worker(stack, "trainer.max_epochs=1", cancel_margin_s=MARGIN_S)
     with running(_consumer(worker, broker)):
         _guide_publish(broker, _job(stack, 321))
         assert _wait_terminal(receiver, 321).path == COMPLETE_PATH
@@ -249,6 +270,7 @@ def test_a_cancel_after_the_completion_or_without_a_job_changes_nothing(stack) -
         _guide_cancel(broker, 322)  # twice
         assert wait_for(lambda: _closed(storage, 321) and _closed(storage, 322), 60)
         assert wait_for(lambda: depth(broker.queue) == 0 and depth(broker.cancels) == 0, 30)
+        time.sleep(MARGIN_S + 0.5)  # past the cancel's margin
         _guide_publish(broker, _job(stack, 322))  # a job after the cancel trains
         assert _wait_terminal(receiver, 322).path == COMPLETE_PATH
     assert len(_terminal(receiver, 321)) == 1 and len(_accepted(receiver, COMPLETE_PATH, 321)) == 1
