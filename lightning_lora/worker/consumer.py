@@ -21,11 +21,9 @@ Design (after pika's ``examples/basic_consumer_threaded.py``):
   connection dies keeps running; its outcome cannot be acknowledged any more, so the broker
   redelivers the message once the worker reconnects (after the job ended, so that two runs of
   the same job never overlap). **Handlers must therefore be idempotent.**
-* Control messages (the backend's cancels): with an ``on_control`` handler the consumer also
-  takes the control queue (``BrokerSettings.cancels``). At each connect the waiting control
-  messages are handled before the first job is taken; later ones on a thread of their own, while
-  a job runs. A handler returns a :class:`ControlReply`: messages to publish to the work queue
-  (under publisher confirms) before the control message is acked, or a reason to dead-letter it.
+* Control messages (cancels, ``on_control``) come from ``BrokerSettings.cancels``: at connect
+  before the first job, later on threads of their own. A :class:`ControlReply` says what to
+  publish to the work queue (confirmed) before the ack, or why to dead-letter it.
 * Graceful stop: :meth:`Consumer.request_stop` (also SIGTERM/SIGINT when :meth:`Consumer.run`
   runs on the main thread) cancels the consumer, waits up to ``grace_period`` for the running
   job, requeues its message if it did not finish, closes the connection and returns. Handlers
@@ -495,16 +493,19 @@ class Consumer:
     # ----------------------------------------------------------------- control messages
 
     def _take_waiting_control(self, channel: BlockingChannel) -> None:
-        """At connect, before any job: handle every control message already waiting.
+        """At connect, before any job: handle the waiting control messages.
 
-        A cancel sent while no worker ran is thus in force before the job it cancels is taken.
+        A cancel is then in force before its job is taken; a failing one is requeued, ending this.
         """
         while not self._stop.is_set():
             method, properties, body = channel.basic_get(self.settings.cancels, auto_ack=False)
             if method is None:
                 return
             delivery = Delivery.from_amqp(method, properties, body, self._stop)
-            self._settle_control(channel, delivery, self._control_reply(delivery))
+            reply = self._control_reply(delivery)
+            self._settle_control(channel, delivery, reply)
+            if reply is None:
+                return
 
     def _on_control_message(
         self,
@@ -542,8 +543,8 @@ class Consumer:
     ) -> None:
         """Connection thread: publish what the reply asks for, then ack (or requeue)."""
         tag = delivery.delivery_tag
-        if not channel.is_open:
-            return  # the broker redelivers it
+        if not channel.is_open:  # the broker redelivers it
+            return
         try:
             if reply is None:
                 # after a short pause, so that a store outage does not spin the message

@@ -190,6 +190,28 @@ def test_waiting_cancels_are_handled_before_the_first_job_is_taken(
     assert depth(broker_settings.cancels) == 0 and depth(broker_settings.queue) == 0
 
 
+def test_a_failing_control_handler_holds_no_job_back(broker_settings: BrokerSettings) -> None:
+    """A cancel the worker cannot handle now (the store down) stays queued; jobs go on."""
+    tries: list[str] = []
+    jobs: list[bytes] = []
+
+    def on_control(delivery: Delivery) -> ControlReply:
+        tries.append("cancel")
+        raise RuntimeError("the store is down")
+
+    def on_job(delivery: Delivery) -> Outcome:
+        jobs.append(delivery.body)
+        return Outcome.ACK
+
+    publish_cancel(broker_settings, 1)
+    publish_job(broker_settings, b'{"style_id": 2}')
+    consumer = Consumer(broker_settings, on_job, on_control=on_control, poll_interval=0.1)
+    with running(consumer):
+        assert wait_for(lambda: jobs == [b'{"style_id": 2}'] and len(tries) >= 2, 30)
+    assert depth(broker_settings.cancels) == 1  # kept, not lost, not dead-lettered
+    assert depth(broker_settings.dlq) == 0
+
+
 # --------------------------------------------------------------------------- through the worker
 class _Held(L.Callback):
     """Weak references to a job's trainer, module and optimizer: are they freed after it?"""
