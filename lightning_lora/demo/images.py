@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
-from lightning_lora.demo.shapes import STYLE_TOKEN, draw_scene, draw_styled_scene, random_scene
+from PIL import Image
+
+from lightning_lora.demo.shapes import (
+    STYLE_TOKEN,
+    Scene,
+    draw_scene,
+    draw_styled_scene,
+    random_scene,
+)
 
 DEMO_VERSION = "v2"
 
@@ -34,18 +43,16 @@ def make_demo_images(
     Returns:
         The folder.
     """
-    dest = Path(dest)
-    if dest.is_dir() and len(list(dest.glob("*.png"))) == count:
-        return dest
-    dest.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    for i in range(count):
-        scene = random_scene(rng)
-        draw_styled_scene(scene, size).save(dest / f"demo_{i:02d}.png")
-        if i % caption_every == 0:
-            caption = f"{scene.caption}, in the style of {STYLE_TOKEN}"
-            (dest / f"demo_{i:02d}.txt").write_text(caption, encoding="utf-8")
-    return dest
+    return _write_scenes(
+        dest,
+        count,
+        seed,
+        "demo",
+        lambda scene: draw_styled_scene(scene, size),
+        lambda i, scene: (
+            f"{scene.caption}, in the style of {STYLE_TOKEN}" if i % caption_every == 0 else None
+        ),
+    )
 
 
 def make_regularization_images(
@@ -66,6 +73,20 @@ def make_regularization_images(
     Returns:
         The folder.
     """
+    return _write_scenes(
+        dest, count, seed, "reg", lambda scene: draw_scene(scene, size), lambda i, s: s.caption
+    )
+
+
+def _write_scenes(
+    dest: str | Path,
+    count: int,
+    seed: int,
+    prefix: str,
+    draw: Callable[[Scene], Image.Image],
+    caption_of: Callable[[int, Scene], str | None],
+) -> Path:
+    """``count`` seeded scenes as ``{prefix}_NN.png``, each with its caption file if it has one."""
     dest = Path(dest)
     if dest.is_dir() and len(list(dest.glob("*.png"))) == count:
         return dest
@@ -73,6 +94,8 @@ def make_regularization_images(
     rng = random.Random(seed)
     for i in range(count):
         scene = random_scene(rng)
-        draw_scene(scene, size).save(dest / f"reg_{i:02d}.png")
-        (dest / f"reg_{i:02d}.txt").write_text(scene.caption, encoding="utf-8")
+        draw(scene).save(dest / f"{prefix}_{i:02d}.png")
+        caption = caption_of(i, scene)
+        if caption is not None:
+            (dest / f"{prefix}_{i:02d}.txt").write_text(caption, encoding="utf-8")
     return dest
