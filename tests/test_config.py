@@ -17,7 +17,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 
 #: Presets meant for a GPU: run on CPU at full precision without compiling.
-GPU_PRESETS = {"sd15_fast", "sd15_quality"}
+GPU_PRESETS = {"sd15_fast", "sd15_quality", "sd15_locon", "sd15_loha", "sd15_lokr"}
 
 
 @pytest.mark.slow
@@ -39,6 +39,8 @@ def test_experiment_preset_composes(name: str, tmp_path: Path) -> None:
         base = compose_config([], output_dir=tmp_path)
         assert cfg.module.optimizer.lr < base.module.optimizer.lr
         assert cfg.trainer.max_epochs > compose_config(["experiment=sd15_fast"]).trainer.max_epochs
+    if name in ("sd15_locon", "sd15_loha", "sd15_lokr"):  # the quality recipe, another network
+        assert cfg.lora.type == name.removeprefix("sd15_") and cfg.module.snr_gamma == 5
     if name == "tiny":
         assert cfg.trainer.accelerator == "cpu" and cfg.data.resolution == 64
         assert cfg.trainer.max_epochs <= 2
@@ -48,6 +50,7 @@ def test_experiment_preset_composes(name: str, tmp_path: Path) -> None:
 @pytest.mark.usefixtures("one_thread")
 def test_the_expected_presets_exist() -> None:
     assert {"tiny", "demo", "sd15_fast", "sd15_quality"} <= set(EXPERIMENTS)
+    assert {"sd15_locon", "sd15_loha", "sd15_lokr"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.slow

@@ -37,9 +37,10 @@ How each kind of command is checked, and why:
   CLI's own functions (``build_parser``, ``job_from_args``, ``parse_job``); the publishing step is
   left out because it needs a broker and changes its queues. ``--file job.json`` reads the
   README's JSON message (which must itself be a valid job).
-* ``lightning-lora-generate ...`` and ``python -m benchmarks ...``: arguments parsed by the CLI's
-  own parser (bench ``--case`` specs by ``parse_case`` too). Running them would load SD1.5 or time
-  training steps for minutes.
+* ``lightning-lora-generate ...``, ``lightning-lora-tools ...`` and ``python -m benchmarks ...``:
+  arguments parsed by the CLI's own parser (bench ``--case`` specs by ``parse_case`` too). Running
+  them would load SD1.5, read LoRA files the README only names, or time training steps for
+  minutes.
 * Every ``lightning-lora-*`` entry point named anywhere in those files (also those shown only in
   the text, such as ``lightning-lora-sweep-report``): its console script must be installed next
   to the interpreter, and ``--help`` must exit 0 and print something. ``--help`` is called in
@@ -100,6 +101,7 @@ ENTRY_POINTS = (
     "lightning-lora-enqueue",
     "lightning-lora-generate",
     "lightning-lora-sweep-report",
+    "lightning-lora-tools",
 )
 MODULES = {
     "lightning_lora.tools.train": "lightning-lora-train",
@@ -107,6 +109,7 @@ MODULES = {
     "lightning_lora.worker.enqueue": "lightning-lora-enqueue",
     "lightning_lora.tools.generate": "lightning-lora-generate",
     "lightning_lora.tools.sweep_report": "lightning-lora-sweep-report",
+    "lightning_lora.tools.lora_tools": "lightning-lora-tools",
 }
 # ``python -m`` modules of the repository that no console script runs (not installed)
 REPO_MODULES = {"benchmarks": "bench", "benchmarks.bench": "bench"}
@@ -400,6 +403,11 @@ def check_generate_line(command: Command) -> None:
     _entry_point_module("lightning-lora-generate")._parse_args(list(command.args))
 
 
+def check_tools_line(command: Command) -> None:
+    """Parse a LoRA-tools line with the CLI's parser (its subcommands and their options)."""
+    _entry_point_module("lightning-lora-tools")._parser().parse_args(list(command.args))
+
+
 def check_bench_line(command: Command) -> None:
     """Parse a bench line and each of its ``--case`` specs."""
     from benchmarks import bench
@@ -413,6 +421,7 @@ CHECKS: dict[str, Callable[[Command], Any]] = {
     "train": check_train_line,
     "enqueue": check_enqueue_line,
     "generate": check_generate_line,
+    "tools": check_tools_line,
     "bench": check_bench_line,
 }
 
@@ -517,7 +526,7 @@ def test_every_doc_command_has_a_check() -> None:
     assert not unknown, "no check for these doc commands (add one, or to NOT_RUN):\n" + "\n".join(
         unknown
     )
-    assert {"train", "worker", "enqueue", "generate", "bench", "make"} <= kinds, kinds
+    assert {"train", "worker", "enqueue", "generate", "tools", "bench", "make"} <= kinds, kinds
     sources = {c.where.split(":")[0] for c in _of_kind("worker")}
     assert sources == {"README.md", ".env.example", "lightning_lora/configs/worker.yaml"}, sources
 
@@ -587,8 +596,8 @@ def test_readme_message_is_a_valid_job() -> None:
 
 @pytest.mark.parametrize(
     "command",
-    _of_kind("generate") + _of_kind("bench"),
-    ids=_ids(_of_kind("generate") + _of_kind("bench")),
+    _of_kind("generate") + _of_kind("tools") + _of_kind("bench"),
+    ids=_ids(_of_kind("generate") + _of_kind("tools") + _of_kind("bench")),
 )
 def test_generate_and_bench_lines_parse(command: Command) -> None:
     CHECKS[command.kind](command)

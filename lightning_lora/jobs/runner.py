@@ -102,15 +102,21 @@ def upload_final_lora(
         "lora_rank": result.metadata.get("network_dim"),
         "lora_alpha": result.metadata.get("network_alpha"),
     }
+    # LoHa/LoKr (lora.type in the worker's config): PEFT's tensors, which diffusers does not load
+    lycoris = result.metadata.get("lightning_lora_network_type") in ("loha", "lokr")
     model_url = storage.upload_file(
-        result.lora.diffusers, model_key(style_id), {**meta, "format": "diffusers"}
+        result.lora.diffusers,
+        model_key(style_id),
+        {**meta, "format": "peft" if lycoris else "diffusers"},
     )
     if result.lora.kohya is None:  # lora.use_dora: diffusers format only
         storage.delete_keys([kohya_key(style_id)])
         log.info("style %s: DoRA LoRA delivered in diffusers format only", style_id)
         return model_url, None
     kohya_url = storage.upload_file(
-        result.lora.kohya, kohya_key(style_id), {**meta, "format": "kohya"}
+        result.lora.kohya,
+        kohya_key(style_id),
+        {**meta, "format": "lycoris" if lycoris else "kohya"},
     )
     return model_url, kohya_url
 

@@ -1,4 +1,10 @@
-"""Writing the trained LoRA: diffusers format, kohya (A1111/ComfyUI) format, and metadata."""
+"""Writing the trained LoRA: diffusers format, kohya (A1111/ComfyUI) format, and metadata.
+
+LoRA and LoCon: diffusers' file and kohya's (:mod:`.kohya`). LoHa and LoKr: the diffusers-named
+file holds PEFT's tensors (``unet.<module>.hada_w1_a``...) and the adapter config, which PEFT
+loads and diffusers' ``load_lora_weights`` does not; the kohya-named file holds LyCORIS keys
+(:mod:`.lycoris`), which A1111, ComfyUI, kohya and ``lightning-lora-generate`` load.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +23,16 @@ from safetensors import safe_open
 
 from lightning_lora.lora.adapters import ADAPTER, adapter_config, target_modules
 from lightning_lora.lora.kohya import DORA_NOT_IN_KOHYA, kohya_state_dict
+from lightning_lora.lora.lycoris import lycoris_state_dict
+from lightning_lora.lora.networks import NetworkConfig
 from lightning_lora.lora.safetensors_io import add_metadata, save_file
 
 log = logging.getLogger(__name__)
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
+#: LoHa/LoKr's training-time dropouts, zeroed in the metadata like LoRA's.
+LYCORIS_DROPOUTS = ("rank_dropout", "module_dropout")
 
 
 @dataclass(frozen=True)
@@ -60,13 +70,14 @@ def _peft_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _adapter_metadata(config: LoraConfig) -> dict[str, Any]:
+def _adapter_metadata(config: NetworkConfig) -> dict[str, Any]:
     # dropout is a training-time setting: loaders that build the adapter from this metadata
     # would otherwise add Dropout modules in train mode and make inference stochastic;
     # target_modules sorted: diffusers lists a set in hash order, which differs per process
+    dropouts = ("lora_dropout",) if isinstance(config, LoraConfig) else LYCORIS_DROPOUTS
     return {
         **config.to_dict(),
-        "lora_dropout": 0.0,
+        **dict.fromkeys(dropouts, 0.0),
         "target_modules": sorted(target_modules(config)),
     }
 
@@ -95,11 +106,15 @@ def export_lora(
     config = adapter_config(unet)
     assert config is not None, "the UNet carries no LoRA adapter"
     peft_sd = _peft_state(unet)
-    kohya_sd = None if config.use_dora else kohya_state_dict(peft_sd, config, "unet")
+    kohya_sd: dict[str, torch.Tensor] | None
+    if isinstance(config, LoraConfig):
+        kohya_sd = None if config.use_dora else kohya_state_dict(peft_sd, config, "unet")
+    else:  # LoHa, LoKr: PEFT's tensors in the diffusers-named file, LyCORIS keys in the other
+        kohya_sd = lycoris_state_dict(peft_sd, config, "unet")
     text_kwargs: dict[str, Any] = {}
     if text_encoder is not None:
         te_config = adapter_config(text_encoder)
-        assert te_config is not None, "the text encoder carries no LoRA adapter"
+        assert isinstance(te_config, LoraConfig), "the text encoder carries no LoRA adapter"
         te_sd = _peft_state(text_encoder)
         text_kwargs = {
             "text_encoder_lora_layers": convert_state_dict_to_diffusers(te_sd),
@@ -107,9 +122,12 @@ def export_lora(
         }
         if kohya_sd is not None:
             kohya_sd.update(kohya_state_dict(te_sd, te_config, "text_encoder"))
+    unet_layers: dict[str, Any] = (
+        convert_state_dict_to_diffusers(peft_sd) if isinstance(config, LoraConfig) else peft_sd
+    )
     StableDiffusionPipeline.save_lora_weights(
         save_directory=str(folder),
-        unet_lora_layers=convert_state_dict_to_diffusers(peft_sd),
+        unet_lora_layers=unet_layers,
         safe_serialization=True,
         weight_name=DIFFUSERS_WEIGHT_NAME,
         unet_lora_adapter_metadata=_adapter_metadata(config),

@@ -3,8 +3,14 @@
 diffusers' ``convert_state_dict_to_kohya`` renames the LoRA matrices; this adds what it leaves out:
 
 - ``.alpha`` is the run's alpha, not the rank it writes: kohya-style loaders scale by
-  ``alpha / rank``. For rsLoRA (scale ``alpha / sqrt(rank)``) the stored alpha is
-  ``alpha * sqrt(rank)``, which gives the same scale in those loaders.
+  ``alpha / rank``. Every module gets the same ``.alpha``; a module whose own alpha differs
+  (LoCon's ``conv_alpha``, ``alpha_pattern``) has ``sqrt(own / file alpha)`` folded into each
+  factor, which gives every loader the trained delta. diffusers' kohya loader (0.42) turns
+  differing alphas into PEFT ``alpha_pattern`` keys that match no module and loads those modules
+  at the wrong scale (measured 0.043 off in the tiny UNet's output); A1111, ComfyUI and kohya
+  read each module's alpha and would be right either way. For rsLoRA (scale
+  ``alpha / sqrt(rank)``) the stored alpha is ``alpha * sqrt(rank)``, which gives the same scale
+  in those loaders.
 - SD1.5's text encoder is ``lora_te_text_model_encoder_layers_N_...``: diffusers writes SDXL's
   ``lora_te1_``, and transformers 5 drops CLIP's ``text_model.`` level that the SD1.5 checkpoint
   (and so A1111 and ComfyUI) name the modules with.
@@ -25,6 +31,8 @@ from diffusers.utils import convert_state_dict_to_kohya
 from diffusers.utils.state_dict_utils import StateDictType
 from peft import LoraConfig
 
+from lightning_lora.lora.networks import module_rank_alpha
+
 MAGNITUDE = "lora_magnitude_vector"
 #: Why a DoRA LoRA has no kohya file.
 DORA_NOT_IN_KOHYA = (
@@ -36,10 +44,19 @@ DORA_NOT_IN_KOHYA = (
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 
-def kohya_alpha(config: LoraConfig) -> float:
-    """The ``.alpha`` that gives kohya loaders (``alpha / rank``) PEFT's scale."""
-    alpha = float(config.lora_alpha)
-    return alpha * math.sqrt(config.r) if config.use_rslora else alpha
+def kohya_alpha(config: LoraConfig, module_name: str = "") -> float:
+    """The ``.alpha`` that gives kohya loaders (``alpha / rank``) PEFT's scale for one module.
+
+    Args:
+        config: The LoRA config (``rank_pattern``/``alpha_pattern`` and LoCon's conv settings
+            give modules their own rank and alpha).
+        module_name: The module's name (``""``: the config's default rank and alpha).
+
+    Returns:
+        ``alpha``, or ``alpha * sqrt(rank)`` for rsLoRA.
+    """
+    rank, alpha = module_rank_alpha(config, module_name)
+    return alpha * math.sqrt(rank) if config.use_rslora else alpha
 
 
 def _kohya_name(key: str) -> str:
@@ -69,13 +86,17 @@ def kohya_state_dict(
         raise ValueError(DORA_NOT_IN_KOHYA)
     if component not in PREFIXES:
         raise ValueError(f"component must be one of {sorted(PREFIXES)}, got {component!r}")
-    alpha = torch.tensor(kohya_alpha(config))
+    file_alpha = kohya_alpha(config)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in peft_state_dict.items():
+        module = key.rsplit(".lora_", 1)[0]
+        # a module of another alpha (LoCon's convolutions, alpha_pattern, rank_pattern with
+        # rsLoRA) carries the ratio in its factors: one alpha in the file, the same deltas
+        factor = math.sqrt(kohya_alpha(config, module) / file_alpha)
         if component == "text_encoder" and not key.startswith("text_model."):
             key = f"text_model.{key}"  # the SD1.5 checkpoint's module names
         name = _kohya_name(f"{component}.{key}")
-        out[name] = tensor.contiguous()
+        out[name] = (tensor * factor if factor != 1.0 else tensor).contiguous()
         if name.endswith(".lora_down.weight"):
-            out[name.replace(".lora_down.weight", ".alpha")] = alpha.clone()
+            out[name.replace(".lora_down.weight", ".alpha")] = torch.tensor(file_alpha)
     return out

@@ -129,8 +129,18 @@ def _number(value: Any) -> str:
     return str(value)
 
 
+#: The card's name of each ``lightning_lora_network_type``.
+_NETWORK_NAMES = {
+    "lora": "LoRA",
+    "locon": "LoCon (LoRA on the attention projections and the convolutions)",
+    "loha": "LoHa (LyCORIS Hadamard product)",
+    "lokr": "LoKr (LyCORIS Kronecker product)",
+}
+
+
 def _lora_type(md: Mapping[str, Any]) -> str:
-    kind = "DoRA (weight-decomposed LoRA)" if md.get("lightning_lora_use_dora") else "LoRA"
+    network = _NETWORK_NAMES.get(str(md.get("lightning_lora_network_type") or "lora"), "LoRA")
+    kind = "DoRA (weight-decomposed LoRA)" if md.get("lightning_lora_use_dora") else network
     if md.get("lightning_lora_use_rslora"):
         kind += ", rank-stabilised scaling (alpha/sqrt(rank))"
     parts = "UNet and text encoder" if md.get("train_text_encoder") else "UNet"
@@ -279,6 +289,21 @@ def _usage(
         "```",
         "",
     ]
+    if md.get("lightning_lora_network_type") in ("loha", "lokr"):  # diffusers loads no LyCORIS
+        lines = [
+            "## How to use",
+            "",
+            "### lightning-lora-generate (PEFT)",
+            "",
+            "diffusers' `load_lora_weights` takes LoRA and LoCon only; this LyCORIS network "
+            "loads through PEFT:",
+            "",
+            "```bash",
+            f"lightning-lora-generate --model {code_text(base)[1:-1]} --lora path/to/this/folder "
+            f"--prompt {code_text(prompt)}",
+            "```",
+            "",
+        ]
     if kohya_name is None:
         return [
             *lines,

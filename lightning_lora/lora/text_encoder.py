@@ -2,7 +2,8 @@
 
 The UNet's and the text encoder's settings live in one config node, ``lora``, with the text
 encoder's own rank, alpha, learning rate and target modules under ``lora.text_encoder``; its
-dropout, init, DoRA and rsLoRA follow the UNet's.
+dropout, init, DoRA and rsLoRA follow the UNet's. It is a plain LoRA whatever ``lora.type`` the
+UNet trains (kohya and LyCORIS mix module types in one file; every loader reads each module's).
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from lightning_lora.lora.adapters import (
     same_config,
     train_only_lora,
 )
+from lightning_lora.lora.networks import NetworkConfig
 
 #: Default target modules of the text encoder's LoRA (CLIP attention projections).
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-def build_lora_configs(node: DictConfig) -> tuple[LoraConfig, LoraConfig | None, float | None]:
+def build_lora_configs(
+    node: DictConfig,
+) -> tuple[NetworkConfig, LoraConfig | None, float | None]:
     """The UNet's LoRA config, the text encoder's (or ``None``) and its learning rate.
 
     Args:
@@ -43,15 +47,16 @@ def build_lora_configs(node: DictConfig) -> tuple[LoraConfig, LoraConfig | None,
     unet = instantiate(settings)
     if not text.get("enabled", False):
         return unet, None, None
-    te = lora_config(
+    te = lora_config(  # always plain LoRA: the UNet's network type is the UNet's alone
         rank=int(text.get("rank", unet.r)),
-        alpha=float(text.get("alpha", unet.lora_alpha)),
-        dropout=float(unet.lora_dropout),
+        alpha=float(text.get("alpha", settings.get("alpha", 32))),
+        dropout=float(settings.get("dropout", 0.0)),
         target_modules=list(text.get("target_modules") or TEXT_ENCODER_TARGETS),
-        init_lora_weights=unet.init_lora_weights,
-        use_dora=bool(unet.use_dora),
-        use_rslora=bool(unet.use_rslora),
+        init_lora_weights=settings.get("init_lora_weights", "gaussian"),
+        use_dora=bool(settings.get("use_dora", False)),
+        use_rslora=bool(settings.get("use_rslora", False)),
     )
+    assert isinstance(te, LoraConfig)  # lora_config's default type
     lr = text.get("lr")
     return unet, te, None if lr is None else float(lr)
 

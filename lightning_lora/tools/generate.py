@@ -7,9 +7,10 @@ noise for every scale, so rows are directly comparable)::
         --prompt "a cat" --lora-scale 0 0.5 1 --steps 10 --resolution 64 --out grid.png
 
 LoRAs are loaded with ``pipe.load_lora_weights`` (diffusers folder or file, kohya file, or a hub
-id), each under its own adapter name; several are mixed with ``set_adapters`` weights
-(``--lora-weight``, one per ``--lora``). A LoRA scale of 0 reproduces the base model's image
-exactly.
+id; LoHa/LoKr folders and LyCORIS files through PEFT, see
+:func:`lightning_lora.training.inference.add_loras`), each under its own adapter name; several
+are mixed with ``set_adapters`` weights (``--lora-weight``, one per ``--lora``). A LoRA scale of
+0 reproduces the base model's image exactly.
 
 The sampler follows the LoRA's training: its prediction type, zero-terminal-SNR betas and clip
 skip come from the first ``--lora``'s metadata (``ss_v_parameterization``,

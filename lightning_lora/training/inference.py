@@ -22,8 +22,10 @@ from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultist
 from diffusers.training_utils import cast_training_params
 from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
 from PIL import Image
+from safetensors.torch import load_file
 
-from lightning_lora.lora.export import DIFFUSERS_WEIGHT_NAME
+from lightning_lora.lora.export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, read_metadata
+from lightning_lora.lora.lycoris import add_lycoris_adapter, is_lycoris_key
 from lightning_lora.training.conditioning import prompt_embeddings
 from lightning_lora.training.models import SDComponents, load_components
 from lightning_lora.training.noise import configure_scheduler
@@ -290,6 +292,10 @@ def _lora_location(source: str | Path) -> tuple[str, str | None]:
         return str(path.parent), path.name
     if path.is_dir():
         if (path / DIFFUSERS_WEIGHT_NAME).is_file():
+            meta = read_metadata(path / DIFFUSERS_WEIGHT_NAME)
+            lycoris = meta.get("lightning_lora_network_type") in ("loha", "lokr")
+            if lycoris and (path / KOHYA_WEIGHT_NAME).is_file():  # diffusers takes no LoHa/LoKr
+                return str(path), KOHYA_WEIGHT_NAME
             return str(path), DIFFUSERS_WEIGHT_NAME
         files = sorted(path.glob("*.safetensors"))
         if len(files) == 1:
@@ -364,10 +370,35 @@ def add_loras(
     for i, (source, weight) in enumerate(zip(sources, weights, strict=True)):
         location, weight_name = _lora_location(source)
         adapter = f"lora{i}"
-        pipe.load_lora_weights(location, weight_name=weight_name, adapter_name=adapter)
+        _load_lora(pipe, location, weight_name, adapter)
         loaded.append(LoadedLora(adapter, str(source), float(weight)))
         log.info("loaded LoRA %s as %s (weight %s)", source, adapter, weight)
     return loaded
+
+
+def _load_lora(
+    pipe: StableDiffusionPipeline, location: str, weight_name: str | None, adapter: str
+) -> None:
+    """One LoRA as ``adapter``: diffusers' loader, or PEFT's LoHa/LoKr for LyCORIS files.
+
+    diffusers' ``load_lora_weights`` takes LoRA and LoCon (diffusers or kohya keys) only; a file
+    with LyCORIS LoHa/LoKr tensors has its UNet part added as a PEFT adapter
+    (:func:`~lightning_lora.lora.lycoris.add_lycoris_adapter`) and its text encoder's LoRA, if
+    any, loaded by diffusers under the same adapter name.
+    """
+    path = Path(location) / weight_name if weight_name else None
+    state = load_file(str(path)) if path is not None and path.is_file() else {}
+    if not any(is_lycoris_key(k) for k in state):
+        pipe.load_lora_weights(location, weight_name=weight_name, adapter_name=adapter)
+        return
+    if any(k.startswith("unet.") for k in state):
+        raise ValueError(
+            f"{path} holds PEFT LoHa/LoKr tensors: load its folder or {KOHYA_WEIGHT_NAME}"
+        )
+    text = {k: v for k, v in state.items() if k.startswith("lora_te")}
+    if text:
+        pipe.load_lora_weights(text, adapter_name=adapter)
+    add_lycoris_adapter(pipe.unet, {k: v for k, v in state.items() if k not in text}, adapter)
 
 
 def set_lora_scale(

@@ -59,8 +59,8 @@ def training_options_metadata(cfg: DictConfig, module: Any) -> dict[str, Any]:
         "min_timestep": hp.min_timestep,
         "max_timestep": hp.max_timestep,
         "lightning_lora_ema": bool(ema.get("enabled", False)),
-        "lightning_lora_use_dora": bool(module.lora_config.use_dora),
-        "lightning_lora_use_rslora": bool(module.lora_config.use_rslora),
+        "lightning_lora_use_dora": bool(getattr(module.lora_config, "use_dora", False)),
+        "lightning_lora_use_rslora": bool(getattr(module.lora_config, "use_rslora", False)),
         **noise_metadata(module),
     }
     if hp.timestep_sampling == "logit_normal":

@@ -24,7 +24,14 @@ from typing_extensions import override
 from lightning_lora.config import plain_dict
 from lightning_lora.data.masks import weight_loss
 from lightning_lora.errors import NonFiniteLossError
-from lightning_lora.lora.adapters import inject_lora, lora_parameters, target_modules
+from lightning_lora.lora.adapters import inject_lora, target_modules
+from lightning_lora.lora.networks import (
+    LearningRates,
+    NetworkConfig,
+    alpha_of,
+    optimizer_groups,
+    rank_of,
+)
 from lightning_lora.lora.text_encoder import inject_text_encoder_lora
 from lightning_lora.training.compilation import CompileCache, compiled_unet, eager
 from lightning_lora.training.conditioning import text_hidden_states
@@ -61,7 +68,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
     def __init__(
         self,
         components: SDComponents,
-        lora: LoraConfig,
+        lora: NetworkConfig,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         gradient_checkpointing: bool = True,
@@ -85,6 +92,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         ema: Mapping[str, Any] | None = None,
         text_encoder_lora: LoraConfig | None = None,
         text_encoder_lr: float | None = None,
+        lora_lr: LearningRates | None = None,
         prediction_type: str | None = None,
         zero_terminal_snr: bool = False,
         ip_noise_gamma: float = 0.0,
@@ -128,6 +136,7 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
                 use (see :mod:`lightning_lora.training.ema`).
             text_encoder_lora: A LoRA of the text encoder too (``None``: it stays frozen).
             text_encoder_lr: Learning rate of the text encoder's LoRA (``None``: the optimizer's).
+            lora_lr: LR multipliers by block and LoRA+ (lora.block_lr, lora.plus_lr_ratio).
             prediction_type: The loss's target, ``epsilon`` or ``v_prediction`` (``None``: the
                 scheduler config's); the sampling pipelines use it too.
             zero_terminal_snr: Rescale the betas to a zero terminal SNR (diffusers'
@@ -141,8 +150,9 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         compile_extra_blocks = [str(name) for name in compile_extra_blocks]
         ema = plain_dict(ema) if isinstance(ema, DictConfig) else dict(ema or {})
         self.save_hyperparameters(
-            ignore=["components", "optimizer", "scheduler", "lora", "text_encoder_lora"]
+            ignore=["components", "optimizer", "scheduler", "lora", "text_encoder_lora", "lora_lr"]
         )
+        self.lora_lr = lora_lr or LearningRates()
         self.unet = components.unet
         self.vae = components.vae
         self.text_encoder = components.text_encoder
@@ -540,12 +550,14 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        params: list[Any] = lora_parameters(self.unet)
-        if self.trains_text_encoder:
-            text_group: dict[str, Any] = {"params": lora_parameters(self.text_encoder)}
-            if self.hparams.text_encoder_lr is not None:
-                text_group["lr"] = float(self.hparams.text_encoder_lr)
-            params = [{"params": params}, text_group]
+        te = self.text_encoder.named_parameters() if self.trains_text_encoder else iter(())
+        params = optimizer_groups(
+            [(n, p) for n, p in self.unet.named_parameters() if p.requires_grad],
+            [(n, p) for n, p in te if p.requires_grad],
+            getattr(self.optimizer_factory, "keywords", {}).get("lr"),
+            self.hparams.text_encoder_lr,
+            self.lora_lr,
+        )
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
@@ -568,8 +580,8 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
         }
         checkpoint["rng_states"] = rng_state_tensors()
         checkpoint["lora_config"] = {
-            "rank": self.lora_config.r,
-            "alpha": self.lora_config.lora_alpha,
+            "rank": rank_of(self.lora_config),
+            "alpha": alpha_of(self.lora_config),
             "target_modules": sorted(target_modules(self.lora_config)),
         }
         self.save_ema_state(checkpoint)
@@ -577,13 +589,11 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("lora_config")
-        if saved and (saved["rank"], saved["alpha"]) != (
-            self.lora_config.r,
-            self.lora_config.lora_alpha,
-        ):
+        mine = (rank_of(self.lora_config), alpha_of(self.lora_config))
+        if saved and (saved["rank"], saved["alpha"]) != mine:
             raise ValueError(
                 f"checkpoint LoRA rank/alpha {saved['rank']}/{saved['alpha']} differ from this "
-                f"run's {self.lora_config.r}/{self.lora_config.lora_alpha}"
+                f"run's {mine[0]}/{mine[1]}"
             )
         if "rng_states" in checkpoint:
             restore_rng_state_tensors(checkpoint["rng_states"])

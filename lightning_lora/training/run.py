@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_lora.config import plain_dict
 from lightning_lora.lora.export import LoraFiles, export_lora
 from lightning_lora.lora.model_card import SAMPLES_NAME, render_model_card, write_model_card
+from lightning_lora.lora.networks import learning_rates, network_metadata
 from lightning_lora.lora.text_encoder import build_lora_configs
 from lightning_lora.training.metadata import training_options_metadata
 from lightning_lora.training.precision import frozen_weight_dtype, precision_info
@@ -225,6 +226,7 @@ def train(
         lora_seed=cfg.seed,
         text_encoder_lora=text_encoder_lora,
         text_encoder_lr=text_encoder_lr,
+        lora_lr=learning_rates(cfg.lora),
     )
     # the LoRA init above used cfg.seed on every rank (identical weights); the per-step draws
     # (latent samples, noise, timesteps) are decorrelated across data-parallel ranks
@@ -247,10 +249,7 @@ def train(
     metadata = {
         "lightning_lora_version": __version__,
         "base_model": str(cfg.model.pretrained_model_name_or_path),
-        "network_module": "networks.lora",
-        "network_dim": module.lora_config.r,
-        "network_alpha": module.lora_config.lora_alpha,
-        "target_modules": sorted(module.lora_config.target_modules),
+        **network_metadata(module.lora_config, module.lora_lr),
         "num_epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         "resolution": datamodule.resolution,

@@ -341,3 +341,26 @@ def test_a_samples_upload_the_store_refuses_still_completes_once_without_its_url
     assert SAMPLES_NAME not in body and "![" not in body
     assert result.lora is not None and result.lora.card is not None
     assert f"]({SAMPLES_NAME})" in result.lora.card.read_text(encoding="utf-8")
+
+
+def test_a_loha_job_labels_its_files_peft_and_lycoris(s3_env, tmp_path) -> None:
+    """The worker's uploads say which files diffusers loads (LoRA, LoCon) and which not."""
+    from lightning_lora.jobs.layout import kohya_key, model_key
+    from lightning_lora.jobs.runner import upload_final_lora
+    from lightning_lora.lora.export import LoraFiles
+    from lightning_lora.training.run import TrainResult
+
+    files = {name: tmp_path / name for name in ("peft.safetensors", "lycoris.safetensors")}
+    for path in files.values():
+        path.write_bytes(b"weights")
+    for kind, formats in (("loha", ("peft", "lycoris")), ("locon", ("diffusers", "kohya"))):
+        result = TrainResult(
+            output_dir=tmp_path,
+            lora=LoraFiles(tmp_path, files["peft.safetensors"], files["lycoris.safetensors"]),
+            metrics={},
+            metadata={"num_epochs": 1, "lightning_lora_network_type": kind},
+        )
+        upload_final_lora(s3_env, 8, result)
+        for key, expected in zip((model_key(8), kohya_key(8)), formats, strict=True):
+            head = s3_env.client.head_object(Bucket=s3_env.bucket, Key=key)
+            assert head["Metadata"]["format"] == expected, (kind, key)

@@ -12,22 +12,15 @@ from safetensors.torch import load_file
 
 from lightning_lora.lora.export import read_metadata
 from lightning_lora.training.run import train
+from tests.support.unets import unet_output
 
 pytestmark = pytest.mark.slow  # trains
-
-
-def _unet_out(unet: torch.nn.Module) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, generator=gen)
-    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
-    with torch.no_grad():
-        return unet(x, torch.tensor([10, 500]), ctx).sample
 
 
 class _TrainedOutput(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         pl_module.unet.eval()
-        self.out = _unet_out(pl_module.unet)
+        self.out = unet_output(pl_module.unet)
         pl_module.unet.train()
 
 
@@ -51,11 +44,11 @@ def test_variant_exports_load_in_diffusers_as_trained(variant: str, make_cfg, ti
         "trainer.max_epochs=1",
     )
     result = train(cfg, callbacks=[trained])
-    base = _unet_out(_pipe(tiny_model).unet)
+    base = unet_output(_pipe(tiny_model).unet)
     assert (trained.out - base).abs().max() > 1e-4  # the LoRA changes the UNet
     from_diffusers = _pipe(tiny_model)
     from_diffusers.load_lora_weights(str(result.lora.folder))
-    torch.testing.assert_close(_unet_out(from_diffusers.unet), trained.out)
+    torch.testing.assert_close(unet_output(from_diffusers.unet), trained.out)
 
     meta = read_metadata(result.lora.diffusers)
     assert meta[f"lightning_lora_{variant}"] == "true"
@@ -72,7 +65,7 @@ def test_variant_exports_load_in_diffusers_as_trained(variant: str, make_cfg, ti
     assert len(kohya) == 3 * len(downs)
     from_kohya = _pipe(tiny_model)
     from_kohya.load_lora_weights(str(result.lora.kohya.parent), weight_name=result.lora.kohya.name)
-    torch.testing.assert_close(_unet_out(from_kohya.unet), trained.out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(unet_output(from_kohya.unet), trained.out, rtol=1e-4, atol=1e-5)
 
 
 def test_kohya_conversion_refuses_dora() -> None:

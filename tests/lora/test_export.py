@@ -13,6 +13,7 @@ from lightning_lora.config import compose_config
 from lightning_lora.lora.export import read_metadata
 from lightning_lora.training.run import TrainResult, train
 from tests.conftest import TINY_OVERRIDES
+from tests.support.unets import unet_output
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,6 @@ def trained(tmp_path_factory, tiny_model, demo_images) -> TrainResult:
     return train(cfg)
 
 
-def _unet_out(unet: torch.nn.Module) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, generator=gen)
-    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
-    with torch.no_grad():
-        return unet(x, torch.tensor([10, 500]), ctx).sample
-
-
 def _pipe(tiny_model: str) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline.from_pretrained(
         tiny_model, safety_checker=None, requires_safety_checker=False
@@ -48,7 +41,7 @@ def _pipe(tiny_model: str) -> StableDiffusionPipeline:
     return pipe
 
 
-def _trained_unet_out(tiny_model: str, result: TrainResult) -> torch.Tensor:
+def _trainedunet_output(tiny_model: str, result: TrainResult) -> torch.Tensor:
     """The UNet output with the LoRA as trained (from the peft state in the checkpoint)."""
     from lightning_lora.lora.adapters import inject_lora, lora_config
     from lightning_lora.training.models import load_components
@@ -60,18 +53,18 @@ def _trained_unet_out(tiny_model: str, result: TrainResult) -> torch.Tensor:
     missing = unet.load_state_dict(state, strict=False)
     assert not missing.unexpected_keys
     unet.eval()
-    return _unet_out(unet)
+    return unet_output(unet)
 
 
 def test_diffusers_file_loads_and_reproduces_the_trained_unet(trained, tiny_model) -> None:
     assert trained.lora.diffusers.name == "pytorch_lora_weights.safetensors"
     pipe = _pipe(tiny_model)
-    base = _unet_out(pipe.unet)
+    base = unet_output(pipe.unet)
     pipe.load_lora_weights(str(trained.lora.folder))
-    with_lora = _unet_out(pipe.unet)
+    with_lora = unet_output(pipe.unet)
     assert (with_lora - base).abs().max() > 1e-3  # the LoRA changes the UNet
     # alpha/rank = 2 must survive the round trip: same output as the trained model
-    torch.testing.assert_close(with_lora, _trained_unet_out(tiny_model, trained))
+    torch.testing.assert_close(with_lora, _trainedunet_output(tiny_model, trained))
 
 
 def test_kohya_file_has_kohya_keys_and_the_real_alpha(trained) -> None:
@@ -98,7 +91,7 @@ def test_kohya_file_converts_back_to_the_same_unet(trained, tiny_model) -> None:
     from_kohya.load_lora_weights(
         str(trained.lora.kohya.parent), weight_name=trained.lora.kohya.name
     )
-    torch.testing.assert_close(_unet_out(from_kohya.unet), _unet_out(from_diffusers.unet))
+    torch.testing.assert_close(unet_output(from_kohya.unet), unet_output(from_diffusers.unet))
 
 
 def test_metadata_describes_the_run(trained: TrainResult, demo_images: Path) -> None:
