@@ -1,7 +1,8 @@
 """``lightning-lora-tools``: resize, merge, bake and extract kohya-format LoRA files.
 
 Four subcommands on kohya LoRA/LoCon safetensors files (``lora_kohya.safetensors`` from a
-training run, or files from A1111/ComfyUI/kohya's sd-scripts)::
+training run, or files from A1111/ComfyUI/kohya's sd-scripts; ``bake`` also takes LyCORIS
+LoHa/LoKr files)::
 
     lightning-lora-tools resize lora.safetensors small.safetensors --rank 4
     lightning-lora-tools resize lora.safetensors small.safetensors --keep-share 0.9
@@ -340,8 +341,8 @@ def _parser() -> argparse.ArgumentParser:
     bake_p = sub.add_parser(
         "bake",
         help="add a LoRA to a base model's weights, save a diffusers pipeline folder",
-        description="Bake a kohya LoRA into the base model's UNet (and text encoder for "
-        "lora_te_ keys) and save the pipeline with save_pretrained.",
+        description="Bake a kohya LoRA/LoCon or LyCORIS LoHa/LoKr into the base model's UNet "
+        "(and text encoder for lora_te_ keys) and save the pipeline with save_pretrained.",
     )
     bake_p.add_argument("lora", type=Path, metavar="LORA", help="kohya LoRA file")
     _add_base(bake_p, "the base model")

@@ -225,4 +225,8 @@ def test_bake_merges_each_type_into_the_base_unet(trained, tiny_model, tmp_path)
     baked = bake(result.lora.kohya, tiny_model, tmp_path / "baked")
     assert len(baked) == len(_stems(result.lora.kohya))
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "baked", subfolder="unet")
-    torch.testing.assert_close(unet_output(unet.eval()), expected, rtol=1e-4, atol=1e-5)
+    # float32 weights with the delta added in (rounded once) against PEFT's separate branch:
+    # agreement to 2e-4, where the LoRA moves the output by more than 1e-2
+    base = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    assert (expected - unet_output(base.eval())).abs().max() > 1e-2
+    torch.testing.assert_close(unet_output(unet.eval()), expected, rtol=1e-3, atol=2e-4)
