@@ -365,3 +365,35 @@ def network_metadata(config: NetworkConfig, rates: LearningRates) -> dict[str, A
     if config.alpha_pattern:
         meta["lightning_lora_alpha_pattern"] = dict(config.alpha_pattern)
     return meta
+
+
+def checkpoint_record(config: NetworkConfig) -> dict[str, Any]:
+    """What a checkpoint records of the network, to refuse resuming it as another one."""
+    return {
+        "type": network_type(config),
+        "rank": rank_of(config),
+        "alpha": alpha_of(config),
+        "target_modules": sorted(config.target_modules or ()),
+    }
+
+
+def check_checkpoint_record(saved: Mapping[str, Any] | None, config: NetworkConfig) -> None:
+    """Refuse a checkpoint of another network (its adapter weights would not load).
+
+    Args:
+        saved: The checkpoint's record (``None``: none; a record without ``type`` is a LoRA's).
+        config: This run's network.
+
+    Raises:
+        ValueError: Another type, rank or alpha, naming both.
+    """
+    if not saved:
+        return
+    mine = checkpoint_record(config)
+    theirs = (saved.get("type", "lora"), saved["rank"], saved["alpha"])
+    if theirs != (mine["type"], mine["rank"], mine["alpha"]):
+        raise ValueError(
+            "checkpoint network type/rank/alpha {}/{}/{} differ from this run's {}/{}/{}".format(
+                *theirs, mine["type"], mine["rank"], mine["alpha"]
+            )
+        )

@@ -24,13 +24,13 @@ from typing_extensions import override
 from lightning_lora.config import plain_dict
 from lightning_lora.data.masks import weight_loss
 from lightning_lora.errors import NonFiniteLossError
-from lightning_lora.lora.adapters import inject_lora, target_modules
+from lightning_lora.lora.adapters import inject_lora
 from lightning_lora.lora.networks import (
     LearningRates,
     NetworkConfig,
-    alpha_of,
+    check_checkpoint_record,
+    checkpoint_record,
     optimizer_groups,
-    rank_of,
 )
 from lightning_lora.lora.text_encoder import inject_text_encoder_lora
 from lightning_lora.training.compilation import CompileCache, compiled_unet, eager
@@ -579,22 +579,12 @@ class LoRAModule(EvalWeightsMixin, L.LightningModule):
             k: v for k, v in checkpoint["state_dict"].items() if k in trainable
         }
         checkpoint["rng_states"] = rng_state_tensors()
-        checkpoint["lora_config"] = {
-            "rank": rank_of(self.lora_config),
-            "alpha": alpha_of(self.lora_config),
-            "target_modules": sorted(target_modules(self.lora_config)),
-        }
+        checkpoint["lora_config"] = checkpoint_record(self.lora_config)
         self.save_ema_state(checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("lora_config")
-        mine = (rank_of(self.lora_config), alpha_of(self.lora_config))
-        if saved and (saved["rank"], saved["alpha"]) != mine:
-            raise ValueError(
-                f"checkpoint LoRA rank/alpha {saved['rank']}/{saved['alpha']} differ from this "
-                f"run's {mine[0]}/{mine[1]}"
-            )
+        check_checkpoint_record(checkpoint.get("lora_config"), self.lora_config)
         if "rng_states" in checkpoint:
             restore_rng_state_tensors(checkpoint["rng_states"])
         self.load_ema_state(checkpoint)

@@ -202,3 +202,22 @@ def test_a_reused_unet_switches_types_without_wrapping_old_layers(tiny_model) ->
             assert any(n.endswith("conv1") for n in layers)
     reused = inject_lora(unet, lora_config(rank=2, type="lora"), seed=0)
     assert reused == sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def test_a_checkpoint_of_another_network_type_is_refused(tiny_model) -> None:
+    from lightning_lora.lora.networks import check_checkpoint_record
+
+    cfg = composed(*TINY_OVERRIDES, "lora.rank=4", "lora.alpha=4")
+    module = instantiate(cfg.module, _partial_=True)(
+        components=instantiate(cfg.model), lora=build_lora_configs(cfg.lora)[0], lora_seed=0
+    )
+    checkpoint: dict = {"state_dict": dict(module.state_dict())}
+    module.on_save_checkpoint(checkpoint)
+    record = checkpoint["lora_config"]
+    assert (record["type"], record["rank"], record["alpha"]) == ("lora", 4, 4.0)
+    module.on_load_checkpoint(checkpoint)  # the same network resumes
+    module.on_load_checkpoint({"lora_config": {"rank": 4, "alpha": 4}})  # a record before types
+    with pytest.raises(ValueError, match=r"loha/4/4\.0 differ from this run.s lora/"):
+        module.on_load_checkpoint({"lora_config": {**record, "type": "loha"}})
+    with pytest.raises(ValueError, match=r"lora/4/4\.0 differ from this run.s lokr/4/4\.0"):
+        check_checkpoint_record(record, lora_config(rank=4, alpha=4, type="lokr"))
