@@ -1,4 +1,4 @@
-"""Injecting and resetting the PEFT LoRA adapter of the UNet."""
+"""Injecting and resetting the PEFT adapter (LoRA, LoCon, LoHa or LoKr) of the UNet."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def lora_config(
         rank_dropout: LoHa/LoKr: dropout of rows of the update.
         module_dropout: LoHa/LoKr: probability of skipping a module's update in a step.
         block_lr: Learning-rate multipliers by UNet block, read by
-            :func:`~lightning_lora.lora.text_encoder.build_lora_configs` (ignored here).
+            :func:`~lightning_lora.lora.networks.learning_rates` (ignored here).
         plus_lr_ratio: LoRA+'s ratio, read there too (ignored here).
 
     Returns:
@@ -167,7 +167,7 @@ def inject_lora(unet: UNet2DConditionModel, config: NetworkConfig, seed: int) ->
 
 
 def reset_lora(model: torch.nn.Module, config: NetworkConfig, seed: int) -> None:
-    """Re-initialise every LoRA layer of ``model`` from ``seed`` (the global RNG untouched).
+    """Re-initialise every adapter layer of ``model`` from ``seed`` (the global RNG untouched).
 
     Args:
         model: A model holding the :data:`ADAPTER` LoRA (the UNet or the text encoder).
