@@ -22,6 +22,7 @@ from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultist
 from diffusers.training_utils import cast_training_params
 from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lightning_lora.lora.export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, read_metadata
@@ -387,10 +388,14 @@ def _load_lora(
     any, loaded by diffusers under the same adapter name.
     """
     path = Path(location) / weight_name if weight_name else None
-    state = load_file(str(path)) if path is not None and path.is_file() else {}
-    if not any(is_lycoris_key(k) for k in state):
+    keys: list[str] = []
+    if path is not None and path.is_file():
+        with safe_open(str(path), framework="pt") as f:  # the header only: no tensor read twice
+            keys = list(f.keys())
+    if not any(is_lycoris_key(k) for k in keys):
         pipe.load_lora_weights(location, weight_name=weight_name, adapter_name=adapter)
         return
+    state = load_file(str(path))
     if any(k.startswith("unet.") for k in state):
         raise ValueError(
             f"{path} holds PEFT LoHa/LoKr tensors: load its folder or {KOHYA_WEIGHT_NAME}"
